@@ -1,0 +1,38 @@
+# phivault — `make run` installs and serves on the embedded default; `make test` runs
+# everything CI runs. Python 3.11+ and (for tests) root or sudo for Debian packages.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-long lint typecheck unit clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/dev.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements/dev.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+run: install
+	$(BIN)/phivault serve
+
+lint: install
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install lint typecheck
+	bash scripts/install-test-deps.sh
+	$(BIN)/python -m pytest
+
+test-long: install
+	bash scripts/install-test-deps.sh
+	$(BIN)/python -m pytest -m "long" --run-long
+
+clean:
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The device-side client, ``phivault-agent``. It imports nothing from the server."""

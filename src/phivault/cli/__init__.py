@@ -1,0 +1,1 @@
+"""The ``phivault`` command: parses, calls services, prints. Nothing imports it."""

@@ -1,0 +1,1 @@
+"""Settings, profiles and compliance guardrails."""

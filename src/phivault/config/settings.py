@@ -1,0 +1,191 @@
+"""phivault's settings: one pydantic-settings class, read from ``PHIVAULT_*`` variables
+and, optionally, a TOML file named by ``PHIVAULT_CONFIG``.
+
+Precedence, highest first: explicit overrides (CLI flags), environment, TOML file,
+defaults. Paths left unset are derived from the data directory, so the embedded default
+(SQLite, file object store, local keyring) needs no configuration at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "PHIVAULT_"
+CONFIG_ENV = "PHIVAULT_CONFIG"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(Exception):
+    """A setting could not be read or is invalid; ``setting`` names it as users write it."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"{setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+class Settings(BaseSettings):
+    """Every knob of a phivault deployment. docs/configuration.md describes each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    profile: Literal["dev", "prod"] = "dev"
+    data_dir: Path = Path("phivault-data")
+    database_url: str = ""
+    phi_database_url: str = ""
+    object_store_url: str = ""
+    keyring_url: str = "local://"
+    master_key_file: Path | None = None
+    region: str = Field(default="local", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    hsts_max_age: int = Field(default=63_072_000, ge=0)  # two years, Mozilla's recommendation
+
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=1, le=65535)
+    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    admin_allow_cidrs: Annotated[tuple[IPNetwork, ...], NoDecode] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+    debug: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    run_worker: bool = True
+    job_lease_seconds: int = Field(default=60, ge=5, le=3600)
+    job_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    job_max_attempts: int = Field(default=5, ge=1, le=100)
+
+    max_clock_skew_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_an_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)  # raises ValueError with a clear message
+        return value
+
+    @field_validator("admin_allow_cidrs", mode="before")
+    @classmethod
+    def _split_cidrs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("admin_allow_cidrs", mode="after")
+    @classmethod
+    def _strict_networks(cls, value: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(net, strict=True) for net in value)
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        # Frozen model: derived defaults are set once here, through object.__setattr__.
+        data_dir = self.data_dir.expanduser().absolute()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'phivault.sqlite3'}")
+        if not self.phi_database_url:
+            object.__setattr__(self, "phi_database_url", f"sqlite:///{data_dir / 'phi.sqlite3'}")
+        if not self.object_store_url:
+            object.__setattr__(self, "object_store_url", (data_dir / "objects").as_uri())
+        if self.master_key_file is None:
+            object.__setattr__(self, "master_key_file", data_dir / "master.key")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            msg = "PHIVAULT_TLS_CERT_FILE and PHIVAULT_TLS_KEY_FILE must be set together"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def uses_generated_tls(self) -> bool:
+        """True when no certificate was configured and phivault makes its own (dev only)."""
+        return self.tls_cert_file is None
+
+    @property
+    def cert_path(self) -> Path:
+        return self.tls_cert_file or self.data_dir / "tls" / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.tls_key_file or self.data_dir / "tls" / "key.pem"
+
+    @property
+    def master_key_path(self) -> Path:
+        assert self.master_key_file is not None  # set by _derive_paths  # noqa: S101
+        return self.master_key_file
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        del dotenv_settings, file_secret_settings  # not supported: one documented way in
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Settings from the TOML file named by ``PHIVAULT_CONFIG`` (keys without the prefix)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._values = _read_toml(os.environ.get(CONFIG_ENV, ""))
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # noqa: ANN401
+        del field
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def _read_toml(path_text: str) -> dict[str, Any]:
+    if not path_text:
+        return {}
+    path = Path(path_text)
+    try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(CONFIG_ENV, f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(CONFIG_ENV, f"{path} is not valid TOML: {exc}") from None
+    known = set(Settings.model_fields)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingsError(CONFIG_ENV, f"{path} has unknown setting {unknown[0]!r}")
+    return values
+
+
+def load_settings(**overrides: Any) -> Settings:  # noqa: ANN401
+    """Read the settings, raising ``SettingsError`` that names the first bad setting."""
+    explicit = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**explicit)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = ENV_PREFIX + field.upper() if field else CONFIG_ENV
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        raise SettingsError(name, reason) from None

@@ -1,0 +1,1 @@
+"""Database access: engines and sessions, Alembic migrations, the job queue."""

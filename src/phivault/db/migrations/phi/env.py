@@ -1,0 +1,33 @@
+"""Alembic environment for the phi database; run through phivault.db.migrate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic import context
+from alembic.autogenerate.api import AutogenContext
+
+from phivault.db.models import UTCDateTime, PhiBase
+
+
+
+def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | bool:  # noqa: ANN401
+    # Migrations must not import application types: UTCDateTime is stored as a plain
+    # timezone-aware timestamp.
+    del autogen_context
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=PhiBase.metadata,
+    version_table=context.config.attributes["version_table"],
+    render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
+    compare_type=True,
+    render_item=_render_item,
+)
+with context.begin_transaction():
+    context.run_migrations()

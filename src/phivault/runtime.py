@@ -1,0 +1,118 @@
+"""The composition root: builds databases, object store, clock and job handlers from
+``Settings``. The CLI and the web app both start here, so each thing is built one way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from phivault.clock import Clock, SystemClock
+from sqlalchemy.exc import ArgumentError
+
+from phivault.config.settings import Settings, SettingsError
+from phivault.db.engine import Database
+from phivault.db.jobs import JobContext, JobRegistry, Worker
+from phivault.db.migrate import upgrade_all
+from phivault.storage.base import ObjectStore
+from phivault.storage.factory import open_object_store
+
+SELFTEST_JOB = "system.selftest"
+
+
+@dataclass
+class Runtime:
+    """Everything a running phivault process shares."""
+
+    settings: Settings
+    clock: Clock
+    db: Database
+    phi_db: Database
+    store: ObjectStore
+    jobs: JobRegistry = field(default_factory=JobRegistry)
+
+    def new_worker(self, name: str | None = None) -> Worker:
+        return Worker(
+            self.db,
+            self.jobs,
+            self.clock,
+            name=name,
+            lease=timedelta(seconds=self.settings.job_lease_seconds),
+            poll_interval=self.settings.job_poll_seconds,
+        )
+
+    def close(self) -> None:
+        self.db.dispose()
+        self.phi_db.dispose()
+
+
+def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
+    """Connect to what ``settings`` name; nothing is created or migrated here.
+
+    A URL that cannot be used raises ``SettingsError`` naming its setting.
+    """
+    runtime = Runtime(
+        settings=settings,
+        clock=clock or SystemClock(),
+        db=_database(settings.database_url, "PHIVAULT_DATABASE_URL"),
+        phi_db=_database(settings.phi_database_url, "PHIVAULT_PHI_DATABASE_URL"),
+        store=_object_store(settings.object_store_url),
+    )
+    _register_jobs(runtime)
+    return runtime
+
+
+def _database(url: str, setting: str) -> Database:
+    try:
+        return Database(url)
+    except (ValueError, ArgumentError) as exc:
+        raise SettingsError(setting, str(exc)) from None
+
+
+def _object_store(url: str) -> ObjectStore:
+    try:
+        return open_object_store(url)
+    except ValueError as exc:
+        raise SettingsError("PHIVAULT_OBJECT_STORE_URL", str(exc)) from None
+
+
+def _register_jobs(runtime: Runtime) -> None:
+    store = runtime.store
+
+    def selftest(context: JobContext) -> None:
+        # Proves a worker is alive and can reach the object store; the job's completion
+        # row (in the same transaction) proves it can write the database.
+        del context
+        store.probe()
+
+    runtime.jobs.register(SELFTEST_JOB, selftest)
+
+
+def prepare_data_dir(settings: Settings) -> Path:
+    """Create the data directory with owner-only permissions (0700) if it is missing."""
+    data_dir = settings.data_dir
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return data_dir
+
+
+def initialise(runtime: Runtime) -> list[str]:
+    """First-start work, safe to repeat: data dir, dev TLS/master key, schema migrations.
+
+    Returns a description of each thing it created.
+    """
+    from phivault.config.dev_defaults import ensure_dev_material  # noqa: PLC0415
+
+    settings = runtime.settings
+    prepare_data_dir(settings)
+    created = ensure_dev_material(settings)
+    if hasattr(runtime.store, "ensure_root"):
+        runtime.store.ensure_root()
+    upgrade_all(runtime.db, runtime.phi_db)
+    return created
+
+
+def umask_owner_only() -> None:
+    """Files phivault creates are readable by its own user only."""
+    os.umask(0o077)

@@ -1,0 +1,1 @@
+"""HTTP: the FastAPI app factory, problem responses, security headers, the TLS server."""

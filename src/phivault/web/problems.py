@@ -1,0 +1,132 @@
+"""RFC 9457 problem details: the one error shape of every HTTP response.
+
+Each problem carries a stable machine-readable ``code``; clients branch on it, not on
+``title`` or ``detail``. Details never quote request bodies (they may hold PHI).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from phivault.storage.errors import ObjectNotFound, StorageFull, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+_CODES_BY_STATUS: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+    507: "storage_full",
+}
+
+
+class Problem(Exception):
+    """Raise to answer with a problem; ``code`` is the stable identifier clients match on."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,  # noqa: ANN401
+    ) -> None:
+        super().__init__(detail or code)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+        self.extensions = extensions
+
+
+def problem_response(problem: Problem) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(problem.status).phrase,
+        "status": problem.status,
+        "code": problem.code,
+    }
+    if problem.detail:
+        body["detail"] = problem.detail
+    body.update(problem.extensions)
+    return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Route every error path through ``problem_response``."""
+
+    async def on_problem(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Problem)  # noqa: S101  # registered for Problem only
+        return problem_response(exc)
+
+    async def on_http_exception(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101
+        code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != HTTPStatus(exc.status_code).phrase else None
+        return problem_response(Problem(exc.status_code, code, detail, headers=dict(exc.headers or {})))
+
+    async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101
+        errors = [
+            {"loc": [str(part) for part in error.get("loc", ())], "msg": error.get("msg", ""), "type": error.get("type", "")}
+            for error in exc.errors()
+        ]  # "input" is left out on purpose: it may be PHI or a password
+        if any(error["type"] == "json_invalid" for error in errors):
+            return problem_response(Problem(400, "malformed_body", "the request body is not valid JSON"))
+        return problem_response(Problem(422, "validation_error", "the request is invalid", errors=errors))
+
+    async def on_database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return problem_response(
+            Problem(503, "database_unavailable", "the database is unavailable; retry later", headers={"Retry-After": "5"})
+        )
+
+    async def on_storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("object store unavailable: %s", type(exc).__name__)
+        return problem_response(
+            Problem(503, "object_store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"})
+        )
+
+    async def on_storage_full(_request: Request, _exc: Exception) -> JSONResponse:
+        log.error("object store is full")
+        return problem_response(Problem(507, "storage_full", "the object store has no space left"))
+
+    async def on_object_missing(_request: Request, _exc: Exception) -> JSONResponse:
+        return problem_response(Problem(404, "not_found"))
+
+    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # Logged by type only: exception messages can quote data.
+        log.error("unhandled %s", type(exc).__name__, exc_info=False)
+        return problem_response(Problem(500, "internal_error"))
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    for exc_type in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(exc_type, on_database_unavailable)
+    app.add_exception_handler(StorageUnavailable, on_storage_unavailable)
+    app.add_exception_handler(StorageFull, on_storage_full)
+    app.add_exception_handler(ObjectNotFound, on_object_missing)
+    app.add_exception_handler(Exception, on_unexpected)

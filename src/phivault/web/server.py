@@ -1,0 +1,45 @@
+"""``phivault serve``: HTTPS only, through uvicorn with phivault's own TLS context."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from phivault.config.tls import server_context
+from phivault.runtime import Runtime
+from phivault.web.app import create_app
+
+log = logging.getLogger(__name__)
+
+KEEP_ALIVE_SECONDS = 5
+GRACEFUL_SHUTDOWN_SECONDS = 20
+
+
+def run_server(runtime: Runtime, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT, then finish in-flight requests and stop the worker."""
+    settings = runtime.settings
+    context = server_context(settings.cert_path, settings.key_path)
+    config = uvicorn.Config(
+        create_app(runtime),
+        host=host,
+        port=port,
+        lifespan="on",
+        log_config=None,  # phivault configures logging; uvicorn's access log is off
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        http="httptools",
+        loop="uvloop",
+    )
+    config.load()
+    # uvicorn builds its SSL context from file names only; ours enforces the TLS policy.
+    config.ssl = context
+    log.info("phivault serving https://%s:%d (profile %s)", _url_host(host), port, settings.profile)
+    uvicorn.Server(config).run()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
