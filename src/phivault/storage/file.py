@@ -62,11 +62,11 @@ class FileObjectStore:
         if retain_until is not None:
             raise RetentionUnsupported
         final = self._path(key)
-        self.ensure_root()
         temp = self.root / _TMP_DIR / f"{secrets.token_hex(16)}.part"
         digest = hashlib.sha256()
         size = 0
         try:
+            self.ensure_root()
             with temp.open("xb") as out:
                 os.fchmod(out.fileno(), 0o600)
                 while chunk := source.read(COPY_BUFFER):
@@ -79,10 +79,10 @@ class FileObjectStore:
             temp.replace(final)
             _fsync_dir(final.parent)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            _discard(temp)
             raise _translate(exc) from None
         except BaseException:
-            temp.unlink(missing_ok=True)
+            _discard(temp)
             raise
         return StoredObject(key=key, size=size, sha256=digest.hexdigest())
 
@@ -150,6 +150,11 @@ class FileObjectStore:
                     entry.unlink()
                     removed += 1
         return removed
+
+
+def _discard(temp: Path) -> None:
+    with contextlib.suppress(OSError):
+        temp.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,76 @@
+"""Fixtures shared by the whole suite.
+
+Storage-touching tests take ``settings`` (or ``runtime``), which is parametrised over the
+two supported databases: every such test runs on SQLite and on a real PostgreSQL 15.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers.common import unavailable
+from servers.postgres import PostgresServer, PostgresUnavailable
+
+from phivault.clock import ManualClock
+from phivault.config.settings import Settings, load_settings
+from phivault.ids import new_id
+from phivault.runtime import Runtime, build_runtime, initialise
+
+# Tests never read the developer's own configuration.
+for _name in [name for name in os.environ if name.startswith("PHIVAULT_")]:
+    del os.environ[_name]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    try:
+        server = PostgresServer()
+        server.start()
+    except PostgresUnavailable as exc:
+        unavailable(f"PostgreSQL: {exc}")
+        raise  # unreachable: unavailable() skips or fails
+    yield server
+    server.remove()
+
+
+def _fresh_database_urls(backend: str, data_dir: Path, request: pytest.FixtureRequest) -> tuple[str, str]:
+    if backend == "sqlite":
+        return f"sqlite:///{data_dir / 'phivault.sqlite3'}", f"sqlite:///{data_dir / 'phi.sqlite3'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    suffix = new_id().replace("-", "")[:16]
+    return server.create_database(f"main_{suffix}"), server.create_database(f"phi_{suffix}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def settings(db_backend: str, data_dir: Path, request: pytest.FixtureRequest) -> Settings:
+    main_url, phi_url = _fresh_database_urls(db_backend, data_dir, request)
+    return load_settings(data_dir=data_dir, database_url=main_url, phi_database_url=phi_url)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def runtime(settings: Settings, clock: ManualClock) -> Iterator[Runtime]:
+    built = build_runtime(settings, clock=clock)
+    initialise(built)
+    yield built
+    built.close()

@@ -1,0 +1,353 @@
+"""A throwaway S3-protocol server (ministack) on 127.0.0.1 for the test suite.
+
+ministack is an AWS emulator on PyPI. Its dependencies (an older botocore among them) must
+not mix with the project's, so it gets its own virtual environment under
+``.cache/venvs/ministack`` in the repository, made on first use and reused after that.
+
+The server runs with SERVICES=s3, listens on loopback only (BIND_HOST), and keeps its state
+under the work directory given, so ``stop()`` then ``start()`` brings the same buckets and
+objects back on the same port. Measured on ministack 1.5.33:
+
+- Object Lock works for PutObject: COMPLIANCE retention is stored, a delete of the locked
+  version is refused (403 AccessDenied), GetObjectLockConfiguration answers as S3 does.
+- The Object Lock headers of CreateMultipartUpload are ignored: a multipart object comes out
+  unlocked (PutObjectRetention afterwards works; phivault's S3 store checks and does that).
+- Per-object retention is not persisted: after a restart, locked versions can be deleted.
+  Bucket Object Lock configuration, versions and object bodies are persisted.
+- It verifies x-amz-checksum-sha256 on PutObject and UploadPart (BadDigest otherwise).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import boto3
+from botocore.config import Config
+
+from servers.common import free_port
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from mypy_boto3_s3 import S3Client
+
+MINISTACK_VERSION = "1.5.33"
+# ministack and everything it pulls in, pinned to the set tested together, so a new
+# release of a dependency cannot change the server under the tests.
+REQUIREMENTS = (
+    f"ministack=={MINISTACK_VERSION}",
+    "botocore==1.43.106",
+    "defusedxml==0.7.1",
+    "graphql-core==3.2.12",
+    "h11==0.16.0",
+    "h2==4.4.1",
+    "hpack==4.2.0",
+    "hypercorn==0.18.0",
+    "hyperframe==6.1.0",
+    "jmespath==1.1.0",
+    "jsonata-python==0.7.1",
+    "priority==2.0.0",
+    "python-dateutil==2.9.0.post0",
+    "pyyaml==6.0.3",
+    "six==1.17.0",
+    "urllib3==2.8.0",
+    "wsproto==1.3.2",
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_DIR = REPO_ROOT / ".cache" / "venvs" / "ministack"
+_MARKER = VENV_DIR / "phivault-requirements.txt"
+_INSTALL_TIMEOUT = 900.0
+_START_TIMEOUT = 60.0
+_STOP_TIMEOUT = 15.0
+
+
+class MinistackUnavailable(Exception):
+    """ministack could not be installed or started."""
+
+
+def _installed() -> bool:
+    try:
+        wanted = "\n".join(REQUIREMENTS) + "\n"
+        return _MARKER.read_text() == wanted and (VENV_DIR / "bin" / "ministack").is_file()
+    except OSError:
+        return False
+
+
+def ensure_ministack() -> Path:
+    """Return the ``ministack`` executable, installing it first if needed.
+
+    Safe when several processes call it at once (an exclusive lock file) and after an
+    interrupted install (the marker is written last; a venv without it is remade).
+    """
+    executable = VENV_DIR / "bin" / "ministack"
+    if _installed():
+        return executable
+    VENV_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with (VENV_DIR.parent / "ministack.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _installed():  # another process finished the install while we waited
+            return executable
+        shutil.rmtree(VENV_DIR, ignore_errors=True)
+        _run_install([sys.executable, "-m", "venv", str(VENV_DIR)])
+        _run_install(
+            [
+                str(VENV_DIR / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+                *REQUIREMENTS,
+            ]
+        )
+        if not executable.is_file():
+            raise MinistackUnavailable(f"installed, but {executable} is missing")
+        _MARKER.write_text("\n".join(REQUIREMENTS) + "\n")
+    return executable
+
+
+def _run_install(command: list[str]) -> None:
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=_INSTALL_TIMEOUT,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MinistackUnavailable(f"{' '.join(command[:4])} …: {exc}") from exc
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+        raise MinistackUnavailable(f"{' '.join(command[:4])} … failed:\n{tail}")
+
+
+class S3Server:
+    """One ministack process serving S3 on ``127.0.0.1:<port>``."""
+
+    # ministack treats the access key it was started with as its root account; signatures
+    # are not checked. Throwaway values on loopback, not secrets.
+    access_key = "phivault-test"
+    secret_key = "phivault-test-secret"  # noqa: S105
+    region = "us-east-1"
+
+    def __init__(self, workdir: Path, *, executable: Path | None = None, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.executable = executable or ensure_ministack()
+        self.port = port or free_port()
+        self.log_path = workdir / "ministack.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        atexit.register(self.stop)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _server_env(self) -> dict[str, str]:
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.workdir),
+            "TMPDIR": str(tmp),  # ministack writes its pid file there
+            "LANG": "C.UTF-8",
+            "BIND_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.port),
+            "SERVICES": "s3",
+            "MINISTACK_REGION": self.region,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "S3_PERSIST": "1",
+            "S3_DATA_DIR": str(self.workdir / "s3"),
+            "PERSIST_STATE": "1",  # bucket settings (Object Lock) survive stop()/start()
+            "STATE_DIR": str(self.workdir / "state"),
+            # Listeners and integrations the tests do not use stay off: no other port
+            # opens and no Docker daemon is contacted.
+            "IOT_MTLS_ENABLED": "0",
+            "SFTP_ENABLED": "0",
+            "DOCKER_HOST": f"unix://{self.workdir / 'no-docker.sock'}",
+            "LOG_LEVEL": "WARNING",
+        }
+
+    def start(self, timeout: float = _START_TIMEOUT) -> None:
+        """Start the server (again, on the same port) and wait until it answers."""
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            # A session of its own: stop() signals the whole process group.
+            self._process = subprocess.Popen(  # noqa: S603 - fixed argument list
+                [str(self.executable)],
+                env=self._server_env(),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not self._healthy():
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._process = None
+                raise MinistackUnavailable(f"ministack exited with {code}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise MinistackUnavailable(f"ministack not ready after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/_ministack/health", timeout=1) as response:  # noqa: S310 - http on loopback
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        """Stop the server and every process it started; its data stays in ``workdir``."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            # SIGTERM first: ministack saves its state (bucket settings) on shutdown.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # anything of its group still alive
+        process.wait()
+
+    def __enter__(self) -> S3Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def client(self) -> S3Client:
+        """A boto3 client for setting up and inspecting what the code under test did."""
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}),
+        )
+
+    def create_bucket(self, name: str, *, object_lock: bool = False) -> str:
+        """Create a bucket (versioned, with Object Lock, when asked); return its name."""
+        with contextlib.closing(self.client()) as client:
+            client.create_bucket(Bucket=name, ObjectLockEnabledForBucket=object_lock)
+        return name
+
+    def url_for(self, bucket: str, prefix: str = "") -> str:
+        """The ``PHIVAULT_OBJECT_STORE_URL`` of ``bucket`` (under ``prefix``) on this server."""
+        path = f"/{prefix}" if prefix else ""
+        return f"s3://{bucket}{path}?endpoint={self.endpoint}&region={self.region}"
+
+    def env(self) -> dict[str, str]:
+        """AWS_* variables that make boto3 (in this or another process) use this server's keys."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            # Nothing from the developer's ~/.aws, and no instance-metadata lookups.
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def listening_addresses(self) -> list[tuple[str, int]]:
+        """(address, port) of every TCP socket the server's processes listen on."""
+        if self._process is None:
+            return []
+        inodes = {
+            inode for pid in _process_group(self._process.pid) for inode in _socket_inodes(pid)
+        }
+        return [address for inode, address in _listening_sockets().items() if inode in inodes]
+
+
+def start_s3_server(workdir: Path) -> S3Server:
+    """Install ministack if needed, start it on a free loopback port, and return it."""
+    server = S3Server(workdir)
+    server.start()
+    return server
+
+
+def _process_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state, ppid, pgrp, …
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def _listening_sockets() -> dict[str, tuple[str, int]]:
+    """inode -> (address, port) of listening TCP sockets, from /proc/net/tcp and tcp6."""
+    found: dict[str, tuple[str, int]] = {}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                columns = line.split()
+                if columns[3] != "0A":  # TCP_LISTEN
+                    continue
+                address_hex, port_hex = columns[1].split(":")
+                raw = bytes.fromhex(address_hex)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found[columns[9]] = (str(ipaddress.ip_address(words)), int(port_hex, 16))
+    return found
