@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers.common import unavailable
-from servers.postgres import PostgresServer, PostgresUnavailable
 
 from phivault.clock import ManualClock
 from phivault.config.settings import Settings, load_settings
 from phivault.ids import new_id
 from phivault.runtime import Runtime, build_runtime, initialise
+from servers.common import unavailable
+from servers.postgres import PostgresServer, PostgresUnavailable
 
 # Tests never read the developer's own configuration.
 for _name in [name for name in os.environ if name.startswith("PHIVAULT_")]:

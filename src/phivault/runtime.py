@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from phivault.clock import Clock, SystemClock
 from sqlalchemy.exc import ArgumentError
 
+from phivault.clock import Clock, SystemClock
 from phivault.config.settings import Settings, SettingsError
 from phivault.db.engine import Database
 from phivault.db.jobs import JobContext, JobRegistry, Worker
@@ -107,8 +107,7 @@ def initialise(runtime: Runtime) -> list[str]:
     settings = runtime.settings
     prepare_data_dir(settings)
     created = ensure_dev_material(settings)
-    if hasattr(runtime.store, "ensure_root"):
-        runtime.store.ensure_root()
+    runtime.store.prepare()
     upgrade_all(runtime.db, runtime.phi_db)
     return created
 

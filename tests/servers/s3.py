@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import boto3
 from botocore.config import Config
@@ -75,7 +75,7 @@ _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
 
 
-class MinistackUnavailable(Exception):
+class MinistackUnavailableError(Exception):
     """ministack could not be installed or started."""
 
 
@@ -116,7 +116,7 @@ def ensure_ministack() -> Path:
             ]
         )
         if not executable.is_file():
-            raise MinistackUnavailable(f"installed, but {executable} is missing")
+            raise MinistackUnavailableError(f"installed, but {executable} is missing")
         _MARKER.write_text("\n".join(REQUIREMENTS) + "\n")
     return executable
 
@@ -132,10 +132,14 @@ def _run_install(command: list[str]) -> None:
             stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise MinistackUnavailable(f"{' '.join(command[:4])} …: {exc}") from exc
+        raise MinistackUnavailableError(f"{' '.join(command[:4])} …: {exc}") from exc
     if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
-        raise MinistackUnavailable(f"{' '.join(command[:4])} … failed:\n{tail}")
+        # pip's warnings about absent local indexes say nothing about the failure.
+        lines = [
+            line for line in (result.stderr or result.stdout).splitlines() if "WARNING: Location" not in line
+        ]
+        tail = "\n".join(line[:300] for line in lines[-15:])
+        raise MinistackUnavailableError(f"{' '.join(command[:4])} … failed:\n{tail}")
 
 
 class S3Server:
@@ -144,7 +148,7 @@ class S3Server:
     # ministack treats the access key it was started with as its root account; signatures
     # are not checked. Throwaway values on loopback, not secrets.
     access_key = "phivault-test"
-    secret_key = "phivault-test-secret"  # noqa: S105
+    secret_key = "phivault-test-secret"
     region = "us-east-1"
 
     def __init__(self, workdir: Path, *, executable: Path | None = None, port: int | None = None) -> None:
@@ -196,7 +200,7 @@ class S3Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             # A session of its own: stop() signals the whole process group.
-            self._process = subprocess.Popen(  # noqa: S603 - fixed argument list
+            self._process = subprocess.Popen(
                 [str(self.executable)],
                 env=self._server_env(),
                 cwd=self.workdir,
@@ -210,15 +214,18 @@ class S3Server:
             if self._process.poll() is not None:
                 code = self._process.returncode
                 self._process = None
-                raise MinistackUnavailable(f"ministack exited with {code}:\n{self.log_tail()}")
+                raise MinistackUnavailableError(f"ministack exited with {code}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise MinistackUnavailable(f"ministack not ready after {timeout:.0f} s:\n{self.log_tail()}")
+                raise MinistackUnavailableError(
+                    f"ministack not ready after {timeout:.0f} s:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/_ministack/health", timeout=1) as response:  # noqa: S310 - http on loopback
+            health = f"{self.endpoint}/_ministack/health"
+            with urllib.request.urlopen(health, timeout=1) as response:  # noqa: S310 - http on loopback
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -228,19 +235,19 @@ class S3Server:
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            # SIGTERM first: ministack saves its state (bucket settings) on shutdown.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
+        # SIGTERM first: ministack saves its state (bucket settings) on shutdown.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # anything of its group still alive
+            os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while not _exited(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Until it is reaped, the exited server keeps its pid, so the group id cannot
+        # have been reused: SIGKILL reaches only what is left of our own processes.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
-    def __enter__(self) -> S3Server:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -259,7 +266,7 @@ class S3Server:
             return "(no log)"
 
     def client(self) -> S3Client:
-        """A boto3 client for setting up and inspecting what the code under test did."""
+        """Return a boto3 client, to set up and inspect what the code under test did."""
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
@@ -276,7 +283,7 @@ class S3Server:
         return name
 
     def url_for(self, bucket: str, prefix: str = "") -> str:
-        """The ``PHIVAULT_OBJECT_STORE_URL`` of ``bucket`` (under ``prefix``) on this server."""
+        """Return the ``PHIVAULT_OBJECT_STORE_URL`` of ``bucket`` (under ``prefix``) on this server."""
         path = f"/{prefix}" if prefix else ""
         return f"s3://{bucket}{path}?endpoint={self.endpoint}&region={self.region}"
 
@@ -296,9 +303,7 @@ class S3Server:
         """(address, port) of every TCP socket the server's processes listen on."""
         if self._process is None:
             return []
-        inodes = {
-            inode for pid in _process_group(self._process.pid) for inode in _socket_inodes(pid)
-        }
+        inodes = {inode for pid in _process_group(self._process.pid) for inode in _socket_inodes(pid)}
         return [address for inode, address in _listening_sockets().items() if inode in inodes]
 
 
@@ -307,6 +312,15 @@ def start_s3_server(workdir: Path) -> S3Server:
     server = S3Server(workdir)
     server.start()
     return server
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie not yet reaped, or gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 def _process_group(pgid: int) -> list[int]:
@@ -330,14 +344,14 @@ def _socket_inodes(pid: int) -> set[str]:
     with contextlib.suppress(OSError):
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             with contextlib.suppress(OSError):
-                target = os.readlink(fd)
+                target = str(fd.readlink())
                 if target.startswith("socket:["):
                     inodes.add(target[len("socket:[") : -1])
     return inodes
 
 
 def _listening_sockets() -> dict[str, tuple[str, int]]:
-    """inode -> (address, port) of listening TCP sockets, from /proc/net/tcp and tcp6."""
+    """Map inode to (address, port) for each listening TCP socket (/proc/net/tcp, tcp6)."""
     found: dict[str, tuple[str, int]] = {}
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):

@@ -113,7 +113,11 @@ def serve(
     findings = evaluate(runtime)
     for finding in findings:
         if finding.status is not Status.PASS:
-            err.print(f"phivault: {finding.status}: {finding.guardrail}: {finding.message}", markup=False, highlight=False)
+            err.print(
+                f"phivault: {finding.status}: {finding.guardrail}: {finding.message}",
+                markup=False,
+                highlight=False,
+            )
     failed = failures(findings)
     if failed and settings.profile == "prod":
         fail("refusing to start in prod while guardrails fail: " + ", ".join(f.guardrail for f in failed))
@@ -137,7 +141,9 @@ def init(json_output: JsonFlag = False) -> None:
     else:
         for item in created:
             out.print(f"created {item}", markup=False, highlight=False)
-        out.print(f"phivault data directory ready: {runtime.settings.data_dir}", markup=False, highlight=False)
+        out.print(
+            f"phivault data directory ready: {runtime.settings.data_dir}", markup=False, highlight=False
+        )
 
 
 @app.command()

@@ -132,6 +132,11 @@ class _Claim:
     started_at: datetime
 
 
+def _missing_handler(context: JobContext) -> None:
+    # Unreachable through _claim, which only takes registered kinds; kept for safety.
+    raise JobError(f"no handler for job kind {context.kind!r}")
+
+
 def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
 
@@ -174,10 +179,8 @@ class Worker:
         claim = self._claim()
         if claim is None:
             return False
-        handler = self.registry.handler(claim.kind)
+        handler = self.registry.handler(claim.kind) or _missing_handler
         try:
-            if handler is None:
-                raise JobError(f"no handler for job kind {claim.kind!r}")
             self._run_and_complete(claim, handler)
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; result discarded", claim.job_id)
@@ -190,9 +193,8 @@ class Worker:
             return None
         now = self.clock.now()
         with self.db.transaction() as session:
-            due = (
-                (Job.status == "queued") & (Job.run_at <= now)
-                | (Job.status == "running") & (Job.lease_expires_at < now)
+            due = (Job.status == "queued") & (Job.run_at <= now) | (Job.status == "running") & (
+                Job.lease_expires_at < now
             )
             job = session.scalars(
                 select(Job)

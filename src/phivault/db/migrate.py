@@ -42,9 +42,7 @@ def head_revision(tree: Tree) -> str | None:
 
 def current_revision(db: Database, tree: Tree) -> str | None:
     with db.engine.connect() as connection:
-        context = MigrationContext.configure(
-            connection, opts={"version_table": VERSION_TABLES[tree]}
-        )
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLES[tree]})
         return context.get_current_revision()
 
 
@@ -83,7 +81,5 @@ def _migration_lock(db: Database, tree: Tree) -> Iterator[None]:
         try:
             yield
         finally:
-            connection.execute(
-                text("SELECT pg_advisory_unlock(:id)"), {"id": _ADVISORY_LOCK_IDS[tree]}
-            )
+            connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _ADVISORY_LOCK_IDS[tree]})
             connection.commit()

@@ -8,9 +8,10 @@ either nothing or the whole object, also after a crash or a full disk.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
 from phivault.ids import new_id
 from phivault.storage.errors import InvalidObjectKey
@@ -50,9 +51,11 @@ class ObjectStore(Protocol):
 
     url: str
 
-    def put(
-        self, key: str, source: BinaryIO, *, retain_until: datetime | None = None
-    ) -> StoredObject:
+    def prepare(self) -> None:
+        """Make the store ready on first start (create what phivault owns); safe to repeat."""
+        ...
+
+    def put(self, key: str, source: BinaryIO, *, retain_until: datetime | None = None) -> StoredObject:
         """Store everything ``source`` yields under ``key``, atomically.
 
         ``retain_until`` asks the backend to refuse deletion and overwrite before then

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import hashlib
+import io
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from phivault.storage.base import (
@@ -52,36 +53,39 @@ class FileObjectStore:
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    def ensure_root(self) -> None:
+    def prepare(self) -> None:
         """Create the store directory (0700) if it is missing."""
         (self.root / _TMP_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def put(
-        self, key: str, source: BinaryIO, *, retain_until: datetime | None = None
-    ) -> StoredObject:
+    def put(self, key: str, source: BinaryIO, *, retain_until: datetime | None = None) -> StoredObject:
         if retain_until is not None:
             raise RetentionUnsupported
         final = self._path(key)
         temp = self.root / _TMP_DIR / f"{secrets.token_hex(16)}.part"
         digest = hashlib.sha256()
         size = 0
+        fd = -1
         try:
-            self.ensure_root()
-            with temp.open("xb") as out:
-                os.fchmod(out.fileno(), 0o600)
-                while chunk := source.read(COPY_BUFFER):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temp.replace(final)
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            _discard(temp)
-            raise _translate(exc) from None
+            with _filesystem_errors():
+                self.prepare()
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            # Errors reading the source (a client that went away) propagate unchanged;
+            # only errors of our own filesystem become StorageError.
+            while chunk := source.read(COPY_BUFFER):
+                digest.update(chunk)
+                with _filesystem_errors():
+                    _write_all(fd, chunk)
+                size += len(chunk)
+            with _filesystem_errors():
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                temp.replace(final)
+                _fsync_dir(final.parent)
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             _discard(temp)
             raise
         return StoredObject(key=key, size=size, sha256=digest.hexdigest())
@@ -150,6 +154,21 @@ class FileObjectStore:
                     entry.unlink()
                     removed += 1
         return removed
+
+
+@contextlib.contextmanager
+def _filesystem_errors() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise _translate(exc) from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _discard(temp: Path) -> None:

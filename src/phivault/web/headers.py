@@ -53,7 +53,9 @@ class SecurityHeadersMiddleware:
                 headers["Cross-Origin-Resource-Policy"] = "same-origin"
                 headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
                 headers["X-Request-ID"] = request_id
-                headers.setdefault("Content-Security-Policy", DOCS_CSP if path.startswith("/api/docs") else API_CSP)
+                headers.setdefault(
+                    "Content-Security-Policy", DOCS_CSP if path.startswith("/api/docs") else API_CSP
+                )
                 if path.startswith(STATIC_PREFIX):
                     headers["Cache-Control"] = "public, max-age=86400"
                 else:

@@ -52,5 +52,7 @@ def readyz(runtime: RuntimeDep) -> Readiness:
     except StorageError:
         checks["object_store"] = "unavailable"
     if any(state != "ok" for state in checks.values()):
-        raise Problem(503, "not_ready", "a dependency is unavailable", headers={"Retry-After": "5"}, checks=checks)
+        raise Problem(
+            503, "not_ready", "a dependency is unavailable", headers={"Retry-After": "5"}, checks=checks
+        )
     return Readiness(status="ok", checks=checks)

@@ -7,6 +7,7 @@ Each problem carries a stable machine-readable ``code``; clients branch on it, n
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -20,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from phivault.storage.errors import ObjectNotFound, StorageFull, StorageUnavailable
 
 log = logging.getLogger(__name__)
+
+ExceptionHandler = Callable[[Request, Exception], Awaitable[JSONResponse]]
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -74,59 +77,82 @@ def problem_response(problem: Problem) -> JSONResponse:
     return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
 
 
+async def _on_problem(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)  # noqa: S101  # registered for Problem only
+    return problem_response(exc)
+
+
+async def _on_http_exception(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # noqa: S101  # registered for it only
+    code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
+    phrase = HTTPStatus(exc.status_code).phrase
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
+    return problem_response(Problem(exc.status_code, code, detail, headers=dict(exc.headers or {})))
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # noqa: S101  # registered for it only
+    # "input" is left out on purpose: it may be PHI or a password.
+    errors = [
+        {
+            "loc": [str(part) for part in error.get("loc", ())],
+            "msg": error.get("msg", ""),
+            "type": error.get("type", ""),
+        }
+        for error in exc.errors()
+    ]
+    if any(error["type"] == "json_invalid" for error in errors):
+        return problem_response(Problem(400, "malformed_body", "the request body is not valid JSON"))
+    return problem_response(Problem(422, "validation_error", "the request is invalid", errors=errors))
+
+
+async def _on_database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return problem_response(
+        Problem(503, "database_unavailable", "the database is unavailable; retry later", headers=_RETRY)
+    )
+
+
+async def _on_storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("object store unavailable: %s", type(exc).__name__)
+    return problem_response(
+        Problem(
+            503, "object_store_unavailable", "the object store is unavailable; retry later", headers=_RETRY
+        )
+    )
+
+
+async def _on_storage_full(_request: Request, _exc: Exception) -> JSONResponse:
+    log.error("object store is full")
+    return problem_response(Problem(507, "storage_full", "the object store has no space left"))
+
+
+async def _on_object_missing(_request: Request, _exc: Exception) -> JSONResponse:
+    return problem_response(Problem(404, "not_found"))
+
+
+async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    # Logged by type only: exception messages can quote data.
+    log.error("unhandled %s", type(exc).__name__)
+    return problem_response(Problem(500, "internal_error"))
+
+
+_RETRY = {"Retry-After": "5"}
+_HANDLERS: tuple[tuple[type[Exception], ExceptionHandler], ...] = (
+    (Problem, _on_problem),
+    (StarletteHTTPException, _on_http_exception),
+    (RequestValidationError, _on_validation_error),
+    (OperationalError, _on_database_unavailable),
+    (InterfaceError, _on_database_unavailable),
+    (PoolTimeoutError, _on_database_unavailable),
+    (StorageUnavailable, _on_storage_unavailable),
+    (StorageFull, _on_storage_full),
+    (ObjectNotFound, _on_object_missing),
+    (Exception, _on_unexpected),
+)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Route every error path through ``problem_response``."""
-
-    async def on_problem(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, Problem)  # noqa: S101  # registered for Problem only
-        return problem_response(exc)
-
-    async def on_http_exception(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)  # noqa: S101
-        code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
-        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != HTTPStatus(exc.status_code).phrase else None
-        return problem_response(Problem(exc.status_code, code, detail, headers=dict(exc.headers or {})))
-
-    async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)  # noqa: S101
-        errors = [
-            {"loc": [str(part) for part in error.get("loc", ())], "msg": error.get("msg", ""), "type": error.get("type", "")}
-            for error in exc.errors()
-        ]  # "input" is left out on purpose: it may be PHI or a password
-        if any(error["type"] == "json_invalid" for error in errors):
-            return problem_response(Problem(400, "malformed_body", "the request body is not valid JSON"))
-        return problem_response(Problem(422, "validation_error", "the request is invalid", errors=errors))
-
-    async def on_database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database unavailable: %s", type(exc).__name__)
-        return problem_response(
-            Problem(503, "database_unavailable", "the database is unavailable; retry later", headers={"Retry-After": "5"})
-        )
-
-    async def on_storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-        log.warning("object store unavailable: %s", type(exc).__name__)
-        return problem_response(
-            Problem(503, "object_store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"})
-        )
-
-    async def on_storage_full(_request: Request, _exc: Exception) -> JSONResponse:
-        log.error("object store is full")
-        return problem_response(Problem(507, "storage_full", "the object store has no space left"))
-
-    async def on_object_missing(_request: Request, _exc: Exception) -> JSONResponse:
-        return problem_response(Problem(404, "not_found"))
-
-    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        # Logged by type only: exception messages can quote data.
-        log.error("unhandled %s", type(exc).__name__, exc_info=False)
-        return problem_response(Problem(500, "internal_error"))
-
-    app.add_exception_handler(Problem, on_problem)
-    app.add_exception_handler(StarletteHTTPException, on_http_exception)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    for exc_type in (OperationalError, InterfaceError, PoolTimeoutError):
-        app.add_exception_handler(exc_type, on_database_unavailable)
-    app.add_exception_handler(StorageUnavailable, on_storage_unavailable)
-    app.add_exception_handler(StorageFull, on_storage_full)
-    app.add_exception_handler(ObjectNotFound, on_object_missing)
-    app.add_exception_handler(Exception, on_unexpected)
+    for exc_type, handler in _HANDLERS:
+        app.add_exception_handler(exc_type, handler)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 
@@ -38,7 +40,19 @@ def run_server(runtime: Runtime, host: str, port: int) -> None:
     # uvicorn builds its SSL context from file names only; ours enforces the TLS policy.
     config.ssl = context
     log.info("phivault serving https://%s:%d (profile %s)", _url_host(host), port, settings.profile)
-    uvicorn.Server(config).run()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler
+    # that was installed before it. This one makes that a normal exit (status 0), which
+    # is what service managers expect after a requested stop.
+    previous = signal.signal(signal.SIGTERM, _stopped_on_request)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    log.info("phivault stopped")
+
+
+def _stopped_on_request(_signum: int, _frame: FrameType | None) -> None:
+    log.info("stop requested (SIGTERM); in-flight requests finished")
 
 
 def _url_host(host: str) -> str:

@@ -131,7 +131,9 @@ def test_expired_lease_is_taken_over_and_the_stalled_worker_cannot_commit(
     assert (job.status, job.attempts) == ("succeeded", 2)
     with runtime.db.transaction() as session:
         effects = session.scalars(select(Job.payload).where(Job.kind == "test.effect")).all()
-        runs = session.scalars(select(JobRun.worker).where(JobRun.job_id == job_id, JobRun.outcome == "succeeded")).all()
+        runs = session.scalars(
+            select(JobRun.worker).where(JobRun.job_id == job_id, JobRun.outcome == "succeeded")
+        ).all()
     assert effects == [{"by": "fast"}]
     assert runs == ["rescuer"]
 
@@ -142,7 +144,9 @@ def test_dedupe_key_enqueues_once(runtime: Runtime, clock: ManualClock) -> None:
     assert first == second
 
 
-def test_jobs_of_unknown_kinds_are_left_for_workers_that_know_them(runtime: Runtime, clock: ManualClock) -> None:
+def test_jobs_of_unknown_kinds_are_left_for_workers_that_know_them(
+    runtime: Runtime, clock: ManualClock
+) -> None:
     with runtime.db.transaction() as session:
         job_id = enqueue(session, "other.kind", {}, now=clock.now())
     assert not Worker(runtime.db, _registry(lambda _ctx: None), clock).run_once()

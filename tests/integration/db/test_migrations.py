@@ -3,8 +3,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
@@ -54,7 +54,18 @@ def test_two_replicas_initialising_at_once_both_succeed(settings: Settings) -> N
 def test_timestamps_come_back_timezone_aware_in_utc(runtime: Runtime) -> None:
     moment = datetime(2026, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     with runtime.db.transaction() as session:
-        session.add(Job(id="j1", kind="k", payload={}, status="queued", attempts=0, max_attempts=1, run_at=moment, created_at=moment))
+        session.add(
+            Job(
+                id="j1",
+                kind="k",
+                payload={},
+                status="queued",
+                attempts=0,
+                max_attempts=1,
+                run_at=moment,
+                created_at=moment,
+            )
+        )
     with runtime.db.transaction() as session:
         job = session.get(Job, "j1")
         assert job is not None

@@ -18,7 +18,6 @@ from phivault.config.tls import generate_self_signed
 from phivault.crypto.master_key import generate_master_key_file
 from phivault.runtime import Runtime, build_runtime
 
-
 _built: list[Runtime] = []
 
 
@@ -107,7 +106,7 @@ def test_master_key_outside_data_dir_passes_in_prod(runtime: Runtime, tmp_path: 
 
 
 def test_group_readable_data_dir_fails(runtime: Runtime) -> None:
-    os.chmod(runtime.settings.data_dir, 0o750)  # noqa: PTH101
+    os.chmod(runtime.settings.data_dir, 0o750)  # noqa: PTH101, S103  # the unsafe mode under test
     assert guardrails.data_dir_permissions(runtime).status is Status.FAIL
 
 
@@ -117,8 +116,11 @@ def test_debug_in_prod_fails(runtime: Runtime) -> None:
 
 
 def test_dev_profile_on_a_public_address_fails(runtime: Runtime) -> None:
-    assert guardrails.bind_address(_runtime_with(runtime, bind="0.0.0.0")).status is Status.FAIL  # noqa: S104
-    assert guardrails.bind_address(_runtime_with(runtime, profile="prod", bind="0.0.0.0")).status is Status.PASS  # noqa: S104
+    everywhere = "0.0.0.0"  # noqa: S104  # the exposure under test
+    assert guardrails.bind_address(_runtime_with(runtime, bind=everywhere)).status is Status.FAIL
+    assert (
+        guardrails.bind_address(_runtime_with(runtime, profile="prod", bind=everywhere)).status is Status.PASS
+    )
 
 
 def test_admin_allow_list_empty_or_open_to_all_fails(runtime: Runtime) -> None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
 
-from phivault.db.models import UTCDateTime, PhiBase
+from phivault.db.models import PhiBase, UTCDateTime
 
 
-
-def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | bool:  # noqa: ANN401
+def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:  # noqa: ANN401
     # Migrations must not import application types: UTCDateTime is stored as a plain
     # timezone-aware timestamp.
     del autogen_context

@@ -1,16 +1,13 @@
 """phi store base
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-22 10:26:44.029856
 """
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-from alembic import op
-
-revision = '0001'
+revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
