@@ -18,6 +18,7 @@ from phivault.ids import new_id
 from phivault.runtime import Runtime, build_runtime, initialise
 from servers.common import unavailable
 from servers.postgres import PostgresServer, PostgresUnavailable
+from servers.s3 import MinistackUnavailableError, S3Server, start_s3_server
 
 # Tests never read the developer's own configuration.
 for _name in [name for name in os.environ if name.startswith("PHIVAULT_")]:
@@ -34,6 +35,17 @@ def postgres_server() -> Iterator[PostgresServer]:
         raise  # unreachable: unavailable() skips or fails
     yield server
     server.remove()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    try:
+        server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    except MinistackUnavailableError as exc:
+        unavailable(f"S3 server (ministack): {exc}")
+        raise  # unreachable: unavailable() skips or fails
+    with server:
+        yield server
 
 
 def _fresh_database_urls(backend: str, data_dir: Path, request: pytest.FixtureRequest) -> tuple[str, str]:

@@ -39,7 +39,8 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable J
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"phivault: error: {message}", markup=False, highlight=False)
+    # One line, never wrapped: scripts grep it.
+    typer.echo(f"phivault: error: {message}", err=True)
     raise typer.Exit(code)
 
 

@@ -170,6 +170,10 @@ class Worker:
             except OperationalError:
                 log.warning("job worker %s: database unavailable, retrying", self.name)
                 ran = False
+            except Exception as exc:  # noqa: BLE001  # the worker must outlive any one failure
+                # No traceback: exception messages may quote data.
+                log.error("job worker %s: %s; retrying", self.name, type(exc).__name__)  # noqa: TRY400
+                ran = False
             if not ran:
                 stop.wait(self.poll_interval)
         log.info("job worker %s stopped", self.name)

@@ -1,0 +1,99 @@
+"""The ``phivault`` command as scripts and operators use it: exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from servers.common import free_port
+from servers.phivault import PHIVAULT, phivault_env
+
+AGENT = str(Path(sys.executable).with_name("phivault-agent"))
+
+
+def run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PHIVAULT, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    result = run("--help", env=phivault_env(tmp_path / "data"))
+    assert result.returncode == 0
+    for command in ("serve", "init", "doctor", "worker"):
+        assert command in result.stdout
+
+
+def test_agent_command_is_installed() -> None:
+    result = subprocess.run([AGENT, "--version"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert result.stdout.startswith("phivault-agent ")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("port", "eighty"),
+        ("profile", "staging"),
+        ("database_url", "mysql://db.example/phivault"),
+        ("object_store_url", "ftp://files.example/objects"),
+        ("admin_allow_cidrs", "everyone"),
+    ],
+)
+def test_invalid_setting_is_one_line_naming_it_and_exit_2(tmp_path: Path, setting: str, value: str) -> None:
+    env = phivault_env(tmp_path / "data", **{setting: value})
+    result = run("doctor", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"PHIVAULT_{setting.upper()}" in lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_unreadable_config_file_is_exit_2(tmp_path: Path) -> None:
+    env = phivault_env(tmp_path / "data")
+    env["PHIVAULT_CONFIG"] = str(tmp_path / "missing.toml")
+    result = run("init", env=env)
+    assert result.returncode == 2
+    assert "PHIVAULT_CONFIG" in result.stderr
+
+
+def test_doctor_fails_before_init_and_passes_after(tmp_path: Path) -> None:
+    env = phivault_env(tmp_path / "data")
+    before = run("doctor", "--json", env=env)
+    assert before.returncode == 1
+    assert json.loads(before.stdout)["ok"] is False
+    init = run("init", "--json", env=env)
+    assert init.returncode == 0, init.stderr
+    assert json.loads(init.stdout)["data_dir"] == str(tmp_path / "data")
+    after = run("doctor", "--json", env=env)
+    report = json.loads(after.stdout)
+    assert after.returncode == 0, report
+    assert report["ok"] is True
+    assert {finding["status"] for finding in report["findings"]} == {"pass"}
+
+
+def test_prod_serve_refuses_to_start_naming_failed_guardrails(tmp_path: Path) -> None:
+    port = free_port()
+    env = phivault_env(tmp_path / "data", profile="prod", port=str(port))
+    result = run("serve", env=env)
+    assert result.returncode == 1
+    assert "refusing to start in prod" in result.stderr
+    assert "tls_certificate" in result.stderr
+    assert "keyring_master_key" in result.stderr
+
+
+def test_dev_serve_on_a_busy_port_exits_with_an_error(tmp_path: Path) -> None:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("serve", "--port", str(port), env=phivault_env(tmp_path / "data"), timeout=60)
+    assert result.returncode != 0
+    assert "address already in use" in result.stderr.lower()
