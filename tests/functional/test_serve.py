@@ -128,6 +128,16 @@ def test_unknown_route_and_method_are_problems(server: PhivaultServer) -> None:
     assert wrong_method.json()["code"] == "method_not_allowed"
 
 
+def test_access_log_names_routes_not_paths_or_queries(server: PhivaultServer) -> None:
+    with server.client() as client:
+        client.get("/healthz", params={"PatientName": "DOE^JANE", "token": "s3cr3t-share-token"})
+        client.get("/share/s3cr3t-share-token")
+    log = server.output()
+    assert "GET /healthz 200" in log
+    assert "DOE" not in log
+    assert "s3cr3t-share-token" not in log
+
+
 def test_sigterm_stops_gracefully(tmp_path: Path) -> None:
     running = PhivaultServer(tmp_path / "data")
     running.start()

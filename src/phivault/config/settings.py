@@ -74,7 +74,6 @@ class Settings(BaseSettings):
     run_worker: bool = True
     job_lease_seconds: int = Field(default=60, ge=5, le=3600)
     job_poll_seconds: float = Field(default=1.0, gt=0, le=60)
-    job_max_attempts: int = Field(default=5, ge=1, le=100)
 
     max_clock_skew_seconds: float = Field(default=5.0, gt=0)
 

@@ -54,7 +54,11 @@ class FileObjectStore:
         return self.root / validate_key(key)
 
     def prepare(self) -> None:
-        """Create the store directory (0700) if it is missing."""
+        """Create the store directory (0700) and sweep temp files left by a crash."""
+        self._make_dirs()
+        self.remove_stale_temp_files()
+
+    def _make_dirs(self) -> None:
         (self.root / _TMP_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def put(self, key: str, source: BinaryIO, *, retain_until: datetime | None = None) -> StoredObject:
@@ -67,7 +71,7 @@ class FileObjectStore:
         fd = -1
         try:
             with _filesystem_errors():
-                self.prepare()
+                self._make_dirs()
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             # Errors reading the source (a client that went away) propagate unchanged;
             # only errors of our own filesystem become StorageError.
