@@ -1,0 +1,1 @@
+"""Cryptography for data at rest: the streaming object format, the key hierarchy and keyrings."""
