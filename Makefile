@@ -25,7 +25,7 @@ lint: install
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: install
-	$(BIN)/mypy
+	$(BIN)/mypy src tests $(wildcard bench/*.py scripts/*.py)
 
 test: install lint typecheck
 	bash scripts/install-test-deps.sh
