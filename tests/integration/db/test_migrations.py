@@ -82,9 +82,8 @@ def test_naive_timestamps_are_refused(runtime: Runtime) -> None:
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"], indirect=True)
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(runtime: Runtime) -> None:
-    if not runtime.db.is_sqlite:
-        pytest.skip("SQLite pragmas")
     with runtime.db.engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1

@@ -162,9 +162,8 @@ def test_clock_before_release_fails(runtime: Runtime) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)  # SQLite shares our clock
 def test_clock_skewed_from_database_server_fails(runtime: Runtime) -> None:
-    if runtime.db.is_sqlite:
-        pytest.skip("SQLite shares the process clock; skew is a PostgreSQL check")
     skewed = ManualClock(datetime.now(UTC) + timedelta(minutes=10))
     finding = guardrails.clock(_runtime_with(runtime, skewed))
     assert finding.status is Status.FAIL
