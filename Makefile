@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 LINT_PATHS := $(wildcard src tests bench scripts)
 
-.PHONY: install run test test-long lint typecheck unit clean
+.PHONY: install run test test-long audit lint typecheck clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: install lint typecheck
 test-long: install
 	bash scripts/install-test-deps.sh
 	$(BIN)/python -m pytest -m "long" --run-long
+
+# Known vulnerabilities in the locked dependencies (pip-audit). Needs PyPI's per-version
+# advisory API or OSV, which not every network reaches; kept out of `make test` for that.
+audit: install
+	$(BIN)/python -m pytest -m network tests/security/test_static.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

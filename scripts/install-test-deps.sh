@@ -6,6 +6,7 @@ set -uo pipefail
 
 need=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+[ -f /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

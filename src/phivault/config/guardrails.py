@@ -27,7 +27,7 @@ CERT_EXPIRY_WARNING = timedelta(days=30)
 
 
 class Status(StrEnum):
-    PASS = "pass"  # noqa: S105  # a status, not a password
+    PASS = "pass"  # noqa: S105  # nosec B105  # a status, not a password
     WARN = "warn"
     FAIL = "fail"
 

@@ -128,7 +128,9 @@ class Settings(BaseSettings):
 
     @property
     def master_key_path(self) -> Path:
-        assert self.master_key_file is not None  # set by _derive_paths  # noqa: S101
+        if self.master_key_file is None:  # _derive_paths always sets it
+            msg = "master_key_file was not derived"
+            raise RuntimeError(msg)
         return self.master_key_file
 
     @classmethod

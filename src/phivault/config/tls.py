@@ -40,6 +40,10 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
+    # Key exchange on P-256 only. Mozilla "intermediate" allows X25519, P-256 and P-384;
+    # OpenSSL's default list adds X448 and P-521. Python 3.11's ssl can set one group, not
+    # a list, so we pick the one every client supports.
+    context.set_ecdh_curve("prime256v1")
     context.set_alpn_protocols(["http/1.1"])
     try:
         context.load_cert_chain(cert_file, key_file)
@@ -72,6 +76,10 @@ def generate_self_signed(cert_file: Path, key_file: Path, now: datetime) -> None
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # Key identifiers let strict path validators (RFC 5280 §4.2.1.1-2) use the
+        # certificate as its own trust anchor.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import swagger_ui_bundle
 from fastapi import FastAPI
@@ -17,7 +18,7 @@ from phivault import __version__
 from phivault.runtime import Runtime
 from phivault.web import health
 from phivault.web.headers import STATIC_PREFIX, SecurityHeadersMiddleware
-from phivault.web.problems import install_problem_handlers
+from phivault.web.problems import document_problems, install_problem_handlers
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,19 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age=runtime.settings.hsts_max_age)
     app.include_router(health.router)
     _mount_docs(app)
+    _document_problems(app)
     return app
+
+
+def _document_problems(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise
 
 
 def _mount_docs(app: FastAPI) -> None:

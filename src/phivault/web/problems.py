@@ -78,12 +78,12 @@ def problem_response(problem: Problem) -> JSONResponse:
 
 
 async def _on_problem(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, Problem)  # noqa: S101  # registered for Problem only
+    assert isinstance(exc, Problem)  # noqa: S101  # nosec B101  # registered for Problem only
     return problem_response(exc)
 
 
 async def _on_http_exception(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)  # noqa: S101  # registered for it only
+    assert isinstance(exc, StarletteHTTPException)  # noqa: S101  # nosec B101  # registered for it only
     code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
@@ -91,7 +91,7 @@ async def _on_http_exception(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)  # noqa: S101  # registered for it only
+    assert isinstance(exc, RequestValidationError)  # noqa: S101  # nosec B101  # registered for it only
     # "input" is left out on purpose: it may be PHI or a password.
     errors = [
         {
@@ -150,6 +150,55 @@ _HANDLERS: tuple[tuple[type[Exception], ExceptionHandler], ...] = (
     (ObjectNotFound, _on_object_missing),
     (Exception, _on_unexpected),
 )
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 9457 problem details; `code` is stable, branch on it.",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "code": {"type": "string"},
+        "detail": {"type": "string"},
+    },
+    "required": ["type", "title", "status", "code"],
+    "additionalProperties": True,
+}
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make an OpenAPI document say what the handlers above do: every error is a problem.
+
+    FastAPI documents its own 422 body as ``application/json``; phivault answers
+    ``application/problem+json``, so the document is corrected in one place, and every
+    operation declares the client (4XX) and unavailability (503) problems it can return.
+    """
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = PROBLEM_SCHEMA
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+
+    def problem(description: str) -> dict[str, Any]:
+        return {
+            "description": description,
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = problem("the request is invalid (`validation_error`)")
+            responses.setdefault("4XX", problem("a client error"))
+            responses.setdefault("503", problem("a dependency is unavailable; retry later"))
+            for response in responses.values():
+                content = response.get("content", {})
+                if PROBLEM_JSON not in content and "application/json" not in content:
+                    continue
+                if response.get("description", "").startswith("a dependency"):
+                    response["content"] = problem("")["content"]
+    return schema
 
 
 def install_problem_handlers(app: FastAPI) -> None:
