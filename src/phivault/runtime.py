@@ -11,8 +11,11 @@ from pathlib import Path
 
 from sqlalchemy.exc import ArgumentError
 
+from phivault.audit.service import AuditLog, CheckpointPolicy
 from phivault.clock import Clock, SystemClock
 from phivault.config.settings import Settings, SettingsError
+from phivault.crypto.keyring import Keyring, open_keyring
+from phivault.crypto.keyring.errors import KeyringConfigError
 from phivault.db.engine import Database
 from phivault.db.jobs import JobContext, JobRegistry, Worker
 from phivault.db.migrate import upgrade_all
@@ -31,6 +34,8 @@ class Runtime:
     db: Database
     phi_db: Database
     store: ObjectStore
+    keyring: Keyring
+    audit: AuditLog
     jobs: JobRegistry = field(default_factory=JobRegistry)
 
     def new_worker(self, name: str | None = None) -> Worker:
@@ -41,11 +46,16 @@ class Runtime:
             name=name,
             lease=timedelta(seconds=self.settings.job_lease_seconds),
             poll_interval=self.settings.job_poll_seconds,
+            tick=self._integrate_audit,
         )
+
+    def _integrate_audit(self) -> None:
+        self.audit.integrate_pending(self.clock.now())
 
     def close(self) -> None:
         self.db.dispose()
         self.phi_db.dispose()
+        self.keyring.close()
 
 
 def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -53,12 +63,21 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
 
     A URL that cannot be used raises ``SettingsError`` naming its setting.
     """
+    clock = clock or SystemClock()
+    db = _database(settings.database_url, "PHIVAULT_DATABASE_URL")
+    keyring = _keyring(settings, clock)
+    policy = CheckpointPolicy(
+        every_records=settings.audit_checkpoint_records,
+        every=timedelta(seconds=settings.audit_checkpoint_seconds),
+    )
     runtime = Runtime(
         settings=settings,
-        clock=clock or SystemClock(),
-        db=_database(settings.database_url, "PHIVAULT_DATABASE_URL"),
+        clock=clock,
+        db=db,
         phi_db=_database(settings.phi_database_url, "PHIVAULT_PHI_DATABASE_URL"),
         store=_object_store(settings.object_store_url),
+        keyring=keyring,
+        audit=AuditLog(db, keyring, settings.audit_origin, policy),
     )
     _register_jobs(runtime)
     return runtime
@@ -76,6 +95,18 @@ def _object_store(url: str) -> ObjectStore:
         return open_object_store(url)
     except ValueError as exc:
         raise SettingsError("PHIVAULT_OBJECT_STORE_URL", str(exc)) from None
+
+
+def _keyring(settings: Settings, clock: Clock) -> Keyring:
+    try:
+        return open_keyring(
+            settings.keyring_url,
+            data_dir=settings.data_dir,
+            master_key_path=settings.master_key_path,
+            clock=clock,
+        )
+    except KeyringConfigError as exc:
+        raise SettingsError("PHIVAULT_KEYRING_URL", str(exc)) from None
 
 
 def _register_jobs(runtime: Runtime) -> None:

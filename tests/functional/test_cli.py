@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,39 @@ def test_dev_serve_on_a_busy_port_exits_with_an_error(tmp_path: Path) -> None:
         result = run("serve", "--port", str(port), env=phivault_env(tmp_path / "data"), timeout=60)
     assert result.returncode != 0
     assert "address already in use" in result.stderr.lower()
+
+
+def test_audit_verify_passes_then_finds_tampering(tmp_path: Path) -> None:
+    import sqlite3  # noqa: PLC0415
+
+    env = phivault_env(tmp_path / "data", audit_checkpoint_seconds="1")
+    assert run("init", env=env).returncode == 0
+    for _ in range(3):  # each verify is itself audited: three records
+        run("audit", "verify", env=env)
+    # a worker integrates the records and signs a checkpoint
+    worker = subprocess.Popen(
+        [PHIVAULT, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        report: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            clean = run("audit", "verify", "--json", env=env)
+            report = json.loads(clean.stdout)
+            if clean.returncode == 0 and int(str(report["checkpoints_checked"])) >= 1:
+                break
+            time.sleep(0.5)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert report["ok"] is True, report
+    assert int(str(report["tree_size"])) >= 3
+
+    database = sqlite3.connect(tmp_path / "data" / "phivault.sqlite3")
+    with database:
+        database.execute("DROP TRIGGER audit_records_no_update")
+        database.execute("UPDATE audit_records SET outcome = 'failure' WHERE seq = 1")
+    database.close()
+    tampered = run("audit", "verify", "--json", env=env)
+    assert tampered.returncode == 1
+    assert json.loads(tampered.stdout)["first_bad_index"] == 0

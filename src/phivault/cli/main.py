@@ -16,13 +16,19 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from phivault import __version__
+from phivault.audit.actions import AuditAction, Outcome
+from phivault.audit.service import Actor, SystemSubject
+from phivault.audit.service import record as audit_record
+from phivault.audit.verify import verify_log
 from phivault.config.guardrails import Finding, Status, evaluate, failures
 from phivault.config.settings import Settings, SettingsError, load_settings
 from phivault.config.tls import TLSMaterialError
+from phivault.crypto.keyring.errors import KeyringError
 from phivault.runtime import Runtime, build_runtime, initialise, umask_owner_only
 
 app = typer.Typer(
@@ -111,6 +117,10 @@ def serve(
     runtime = _runtime(bind=host, port=port, dicom_port=dicom_port)
     settings = runtime.settings
     _initialise(runtime)
+    try:
+        runtime.keyring.check()
+    except KeyringError as exc:
+        fail(f"the keyring cannot be used, refusing to start: {exc}")
     findings = evaluate(runtime)
     for finding in findings:
         if finding.status is not Status.PASS:
@@ -182,6 +192,49 @@ def worker() -> None:
         runtime.new_worker().run_forever(stop)
     finally:
         runtime.close()
+
+
+audit_app = typer.Typer(help="Check and export the tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(json_output: JsonFlag = False) -> None:
+    """Recompute the audit log from its records; check every checkpoint; exit 1 on tampering."""
+    runtime = _runtime()
+    try:
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True
+        ) as progress:
+            progress.add_task("verifying the audit log", total=None)
+            report = verify_log(runtime.db)
+        with runtime.db.transaction() as session:
+            audit_record(
+                session,
+                AuditAction.AUDIT_VERIFY,
+                SystemSubject(Actor.system("phivault-cli")),
+                None,
+                Outcome.SUCCESS if report.ok else Outcome.FAILURE,
+                now=runtime.clock.now(),
+            )
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the audit log: {type(exc).__name__}")
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps(asdict(report), default=str))
+    else:
+        verdict = "[green]intact[/]" if report.ok else "[red]TAMPERED[/]"
+        out.print(
+            f"audit log {verdict}: {report.tree_size} leaves, {report.records_checked} records and "
+            f"{report.checkpoints_checked} signed checkpoints checked, {report.pending_records} pending"
+        )
+        if report.first_bad_index is not None:
+            out.print(f"first bad leaf index: {report.first_bad_index}")
+        for problem in report.problems[:20]:
+            out.print(f"  - {problem}", markup=False, highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from phivault.config.tls import TLSMaterialError, inspect_certificate
+from phivault.crypto.keyring.errors import KeyringError
 from phivault.crypto.master_key import MasterKeyError, read_master_key
 from phivault.db.migrate import Tree, is_current
 from phivault.runtime import Runtime
@@ -85,6 +86,15 @@ def master_key(runtime: Runtime) -> Finding:
         )
     where = "inside the data directory (dev)" if inside else "outside the data directory"
     return Finding(name, Status.PASS, f"master key readable by owner only, {where}")
+
+
+def keyring(runtime: Runtime) -> Finding:
+    name = "keyring"
+    try:
+        runtime.keyring.check()
+    except KeyringError as exc:
+        return Finding(name, Status.FAIL, str(exc))
+    return Finding(name, Status.PASS, runtime.keyring.describe())
 
 
 def data_dir_permissions(runtime: Runtime) -> Finding:
@@ -185,6 +195,7 @@ def clock(runtime: Runtime) -> Finding:
 GUARDRAILS: tuple[Guardrail, ...] = (
     tls_certificate,
     master_key,
+    keyring,
     data_dir_permissions,
     debug_off,
     bind_address,

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
 
     max_clock_skew_seconds: float = Field(default=5.0, gt=0)
 
+    audit_checkpoint_records: int = Field(default=1000, ge=1)
+    audit_checkpoint_seconds: int = Field(default=10, ge=1)
+    # Six months is the floor (also written into the database's delete trigger).
+    audit_retention_days: int = Field(default=183, ge=183)
+
     @field_validator("bind")
     @classmethod
     def _bind_is_an_address(cls, value: str) -> str:
@@ -117,6 +122,11 @@ class Settings(BaseSettings):
     def uses_generated_tls(self) -> bool:
         """True when no certificate was configured and phivault makes its own (dev only)."""
         return self.tls_cert_file is None
+
+    @property
+    def audit_origin(self) -> str:
+        """The audit log's name in its checkpoints (one log per deployment region)."""
+        return f"phivault/{self.region}/audit"
 
     @property
     def cert_path(self) -> Path:

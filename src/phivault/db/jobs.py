@@ -111,7 +111,7 @@ def enqueue(
     session.add(job)
     try:
         with session.begin_nested():
-            session.flush([job])
+            session.flush()
     except IntegrityError:
         # A concurrent transaction enqueued the same dedupe key first.
         existing = session.scalar(select(Job.id).where(Job.dedupe_key == dedupe_key))
@@ -153,6 +153,7 @@ class Worker:
         name: str | None = None,
         lease: timedelta = timedelta(seconds=60),
         poll_interval: float = 1.0,
+        tick: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.registry = registry
@@ -160,6 +161,7 @@ class Worker:
         self.name = name or default_worker_name()
         self.lease = lease
         self.poll_interval = poll_interval
+        self.tick = tick
 
     def run_forever(self, stop: threading.Event) -> None:
         """Run jobs until ``stop`` is set. Database outages are waited out, not fatal."""
@@ -174,9 +176,19 @@ class Worker:
                 # No traceback: exception messages may quote data.
                 log.error("job worker %s: %s; retrying", self.name, type(exc).__name__)  # noqa: TRY400
                 ran = False
+            self._run_tick()
             if not ran:
                 stop.wait(self.poll_interval)
         log.info("job worker %s stopped", self.name)
+
+    def _run_tick(self) -> None:
+        """Housekeeping between jobs (integrating the audit log); failures are logged."""
+        if self.tick is None:
+            return
+        try:
+            self.tick()
+        except Exception as exc:  # noqa: BLE001  # the worker must outlive any one failure
+            log.warning("job worker %s: housekeeping failed: %s", self.name, type(exc).__name__)
 
     def run_once(self) -> bool:
         """Claim and run one due job; return whether there was one."""

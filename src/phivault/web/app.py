@@ -15,10 +15,11 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from phivault import __version__
+from phivault.audit import api as audit_api
+from phivault.http.problems import document_problems, install_problem_handlers
 from phivault.runtime import Runtime
 from phivault.web import health
 from phivault.web.headers import STATIC_PREFIX, SecurityHeadersMiddleware
-from phivault.web.problems import document_problems, install_problem_handlers
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age=runtime.settings.hsts_max_age)
     app.include_router(health.router)
+    app.include_router(audit_api.router)
     _mount_docs(app)
     _document_problems(app)
     return app

@@ -8,9 +8,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 
+from phivault.http.deps import RuntimeDep
+from phivault.http.problems import Problem
 from phivault.storage.errors import StorageError
-from phivault.web.deps import RuntimeDep
-from phivault.web.problems import Problem
 
 router = APIRouter(tags=["health"])
 

@@ -105,6 +105,16 @@ def test_master_key_outside_data_dir_passes_in_prod(runtime: Runtime, tmp_path: 
     assert guardrails.master_key(prod).status is Status.PASS
 
 
+def test_a_master_key_that_does_not_open_the_keyring_fails(runtime: Runtime) -> None:
+    assert guardrails.keyring(runtime).status is Status.PASS  # creates the sealed keyring
+    runtime.keyring.close()
+    runtime.settings.master_key_path.unlink()
+    generate_master_key_file(runtime.settings.master_key_path)  # a different, valid key
+    finding = guardrails.keyring(_runtime_with(runtime))
+    assert finding.status is Status.FAIL
+    assert "master key" in finding.message
+
+
 def test_group_readable_data_dir_fails(runtime: Runtime) -> None:
     os.chmod(runtime.settings.data_dir, 0o750)  # noqa: PTH101, S103  # the unsafe mode under test
     assert guardrails.data_dir_permissions(runtime).status is Status.FAIL

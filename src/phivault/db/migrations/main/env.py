@@ -7,6 +7,7 @@ from typing import Any, Literal
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
 
+import phivault.audit.models  # noqa: F401  # registers the audit tables in Base.metadata
 from phivault.db.models import Base, UTCDateTime
 
 

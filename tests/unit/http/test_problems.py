@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 
+from phivault.http.problems import Problem, install_problem_handlers
 from phivault.storage.errors import ObjectNotFound, StorageFull, StorageUnavailable
-from phivault.web.problems import Problem, install_problem_handlers
 
 
 class Credentials(BaseModel):

@@ -1,0 +1,43 @@
+"""Errors raised by ``phivault.crypto``.
+
+Errors about data read back (ciphertext, headers) carry no detail: a message that told a
+bad tag from a bad header, a wrong key or a short object would hand an attacker who can
+write to the object store an oracle. Errors about a caller's own arguments may say what
+is wrong, because they describe nothing the caller did not already know.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CryptoError(Exception):
+    """Base class of phivault's cryptographic errors."""
+
+    default_message: ClassVar[str] = "cryptographic operation failed"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+
+class ObjectIntegrityError(CryptoError):
+    """An encrypted object is malformed, tampered with, truncated, extended or under another key.
+
+    Deliberately one type with one fixed message for every way reading an object can
+    fail, and raised ``from None`` so no underlying exception leaks into logs or responses.
+    """
+
+    default_message = "encrypted object failed its integrity check"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __reduce__(self) -> tuple[type[ObjectIntegrityError], tuple[()]]:
+        # The constructor takes no message, so rebuild from nothing (pickling for workers).
+        return (type(self), ())
+
+
+class InvalidParameterError(CryptoError, ValueError):
+    """A caller passed a key, size, key id or range outside what the format allows."""
+
+    default_message = "invalid cryptographic parameter"
