@@ -229,7 +229,7 @@ def test_pruning_needs_an_old_record_and_a_prune_window(runtime: Runtime, clock:
 # -- tampering, by someone who can switch the triggers off --------------------------------
 
 
-def _without_triggers(runtime: Runtime, tamper: Callable[[Connection], None]) -> None:
+def _without_triggers(runtime: Runtime, tamper: Callable[[Connection], object]) -> None:
     tables = ("audit_records", "audit_leaves", "audit_nodes", "audit_checkpoints")
     with runtime.db.engine.begin() as connection:
         if runtime.db.is_sqlite:
