@@ -20,7 +20,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.orm import Session
 
 from phivault.audit.actions import ActorType, AuditAction, Outcome
@@ -178,11 +178,21 @@ class DatabaseNodeSource:
                 select(AuditLeaf.leaf_index, AuditLeaf.leaf_hash).where(AuditLeaf.leaf_index.in_(leaves))
             )
             found.update({NodeId(0, index): value for index, value in rows})
-        upper = [(node.level, node.index) for node in ids if node.level > 0]
-        if upper:
+        by_level: dict[int, list[int]] = {}
+        for node in ids:
+            if node.level > 0:
+                by_level.setdefault(node.level, []).append(node.index)
+        if by_level:
+            # One equality on level and an IN on index per level, OR-ed: both databases
+            # then use the primary key (a row-value IN makes SQLite scan the table).
             stored = self.session.execute(
                 select(AuditNode.level, AuditNode.node_index, AuditNode.hash).where(
-                    tuple_(AuditNode.level, AuditNode.node_index).in_(upper)
+                    or_(
+                        *(
+                            and_(AuditNode.level == level, AuditNode.node_index.in_(indexes))
+                            for level, indexes in by_level.items()
+                        )
+                    )
                 )
             )
             found.update({NodeId(level, index): value for level, index, value in stored})
