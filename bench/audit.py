@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from perfdoc import git_revision, machine, write_section
 from sqlalchemy import insert
 
+from perfdoc import git_revision, machine, write_section
 from phivault.audit.actions import ActorType, AuditAction, Outcome
 from phivault.audit.models import AuditRecord
 from phivault.audit.service import Actor, RequestContext, SystemSubject, Target, record

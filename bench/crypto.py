@@ -37,8 +37,8 @@ from pathlib import Path
 import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from perfdoc import DOCS_FILE, markers, write_section
 
+from perfdoc import DOCS_FILE, markers, write_section
 from phivault.crypto.stream import DEFAULT_SEGMENT_SIZE, decrypt_stream, encrypt_stream, read_header
 
 MIB = 1 << 20

@@ -11,6 +11,7 @@ import uvicorn
 from phivault.config.tls import server_context
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
+from phivault.web.protocol import protocol_with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def run_server(runtime: Runtime, host: str, port: int) -> None:
         proxy_headers=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        http="httptools",
+        http=protocol_with_deadline(settings.http_header_timeout_seconds),
+        limit_concurrency=settings.http_max_connections,
         loop="uvloop",
     )
     config.load()
