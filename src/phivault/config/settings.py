@@ -77,6 +77,11 @@ class Settings(BaseSettings):
 
     max_clock_skew_seconds: float = Field(default=5.0, gt=0)
 
+    # Slow clients: request headers must arrive within this time; beyond this many open
+    # connections new requests get 503 instead of exhausting the process.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    http_max_connections: int = Field(default=1000, ge=10)
+
     audit_checkpoint_records: int = Field(default=1000, ge=1)
     audit_checkpoint_seconds: int = Field(default=10, ge=1)
     # Six months is the floor (also written into the database's delete trigger).
