@@ -6,6 +6,7 @@ two supported databases: every such test runs on SQLite and on a real PostgreSQL
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,27 @@ from phivault.clock import ManualClock
 from phivault.config.settings import Settings, load_settings
 from phivault.ids import new_id
 from phivault.runtime import Runtime, build_runtime, initialise
+from servers import logscan
 from servers.common import unavailable
 from servers.postgres import PostgresServer, PostgresUnavailable
 from servers.s3 import MinistackUnavailableError, S3Server, start_s3_server
+
+_log_capture = logscan.CapturingHandler()
+logging.getLogger().addHandler(_log_capture)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any log of the whole session carries PHI, a secret or a token."""
+    del exitstatus
+    leaks = logscan.scan(_log_capture.lines)
+    if leaks:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.section("PHI / secret leak check of all logs", sep="=", red=True, bold=True)
+            for leak in leaks[:50]:
+                reporter.line(f"{leak.where}: {leak.kind}: {leak.excerpt}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 # Tests never read the developer's own configuration.
 for _name in [name for name in os.environ if name.startswith("PHIVAULT_")]:

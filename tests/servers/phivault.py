@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from servers.common import free_port, port_open, wait_until
+from servers.logscan import register_log_file
 
 PHIVAULT = str(Path(sys.executable).with_name("phivault"))
 
@@ -33,6 +34,7 @@ class PhivaultServer:
         self.port = port or free_port()
         self.env = dict(env) if env is not None else phivault_env(data_dir)
         self.log = data_dir.parent / f"serve-{self.port}.log"
+        register_log_file(self.log)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
