@@ -33,7 +33,7 @@ test: install lint typecheck
 
 test-long: install
 	bash scripts/install-test-deps.sh
-	$(BIN)/python -m pytest -m "long" --run-long
+	$(BIN)/python -m pytest -m long
 
 # Known vulnerabilities in the locked dependencies (pip-audit). Needs PyPI's per-version
 # advisory API or OSV, which not every network reaches; kept out of `make test` for that.
