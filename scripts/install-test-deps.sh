@@ -7,6 +7,8 @@ set -uo pipefail
 need=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 [ -f /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
+command -v rsyslogd >/dev/null || need+=(rsyslog)
+[ -f /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || need+=(rsyslog-gnutls)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -7,15 +7,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 
 from sqlalchemy.exc import ArgumentError
 
+from phivault.accounts.service import Accounts
+from phivault.audit.export import Observer
 from phivault.audit.service import AuditLog, CheckpointPolicy
+from phivault.audit.siem import (
+    SiemConfigError,
+    SiemDestination,
+    SiemForwarder,
+    TlsSyslogTransport,
+    tls_context,
+)
 from phivault.clock import Clock, SystemClock
 from phivault.config.settings import Settings, SettingsError
 from phivault.crypto.keyring import Keyring, open_keyring
 from phivault.crypto.keyring.errors import KeyringConfigError
+from phivault.crypto.rotation import ROTATION_JOB, rotation_job_handler
+from phivault.crypto.service import KeyHierarchy
 from phivault.db.engine import Database
 from phivault.db.jobs import JobContext, JobRegistry, Worker
 from phivault.db.migrate import upgrade_all
@@ -37,6 +49,13 @@ class Runtime:
     keyring: Keyring
     audit: AuditLog
     jobs: JobRegistry = field(default_factory=JobRegistry)
+    siem: SiemForwarder | None = None
+    accounts: Accounts = field(init=False)
+
+    @cached_property
+    def keys(self) -> KeyHierarchy:
+        """The key hierarchy: object and field encryption, patient keys, shredding."""
+        return KeyHierarchy(self.keyring, self.clock, alarm_db=self.db)
 
     def new_worker(self, name: str | None = None) -> Worker:
         return Worker(
@@ -51,8 +70,14 @@ class Runtime:
 
     def _integrate_audit(self) -> None:
         self.audit.integrate_pending(self.clock.now())
+        if self.siem is not None:
+            # Bounded by its time budget and socket timeouts; a SIEM outage costs one quick
+            # failed connect per back-off period, so the sequencer keeps its pace.
+            self.siem.forward()
 
     def close(self) -> None:
+        if "keys" in self.__dict__:  # built: let pending integrity alerts reach the audit log
+            self.keys.wait_for_alarms()
         self.db.dispose()
         self.phi_db.dispose()
         self.keyring.close()
@@ -78,8 +103,11 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
         store=_object_store(settings.object_store_url),
         keyring=keyring,
         audit=AuditLog(db, keyring, settings.audit_origin, policy),
+        siem=_siem_forwarder(settings, db, clock),
     )
     _register_jobs(runtime)
+    runtime.accounts = Accounts(settings, db, clock, keyring)
+    runtime.accounts.register_jobs(runtime.jobs)
     return runtime
 
 
@@ -88,6 +116,32 @@ def _database(url: str, setting: str) -> Database:
         return Database(url)
     except (ValueError, ArgumentError) as exc:
         raise SettingsError(setting, str(exc)) from None
+
+
+def _siem_forwarder(settings: Settings, db: Database, clock: Clock) -> SiemForwarder | None:
+    if not settings.siem_url:
+        return None
+    try:
+        destination = SiemDestination.parse(settings.siem_url)
+    except SiemConfigError as exc:
+        raise SettingsError("PHIVAULT_SIEM_URL", str(exc)) from None
+    try:
+        context = tls_context(
+            settings.siem_ca_file, settings.siem_client_cert_file, settings.siem_client_key_file
+        )
+    except SiemConfigError as exc:
+        raise SettingsError("PHIVAULT_SIEM_CA_FILE", str(exc)) from None
+    return SiemForwarder(
+        db,
+        clock,
+        destination,
+        TlsSyslogTransport(destination, context, timeout=settings.siem_timeout_seconds),
+        Observer.local(settings.audit_origin),
+        batch_records=settings.siem_batch_records,
+        budget_seconds=settings.siem_tick_budget_seconds,
+        # Longer than one batch can take (connect, send, close: three timeouts).
+        lease=timedelta(seconds=max(60.0, 4 * settings.siem_timeout_seconds)),
+    )
 
 
 def _object_store(url: str) -> ObjectStore:
@@ -119,6 +173,7 @@ def _register_jobs(runtime: Runtime) -> None:
         store.probe()
 
     runtime.jobs.register(SELFTEST_JOB, selftest)
+    runtime.jobs.register(ROTATION_JOB, rotation_job_handler(runtime.keys))
 
 
 def prepare_data_dir(settings: Settings) -> Path:

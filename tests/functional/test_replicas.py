@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -11,12 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from factories.accounts import login
 from phivault.db.engine import Database
 from phivault.db.jobs import enqueue
 from phivault.db.models import Job, JobRun
 from phivault.ids import new_id
 from phivault.runtime import SELFTEST_JOB
-from servers.phivault import PhivaultServer, phivault_env
+from servers.phivault import PHIVAULT, PhivaultServer, phivault_env
 from servers.postgres import PostgresServer
 from servers.s3 import S3Server
 
@@ -86,3 +89,59 @@ def test_both_replicas_serve_and_run_each_job_exactly_once(replicas: tuple[Phiva
     assert {outcome for _, _, outcome in runs} == {"succeeded"}
     workers = Counter(worker.split(":")[1] for _, worker, _ in runs)  # host:pid:random
     assert len(workers) == 2, f"both replicas should have taken jobs: {workers}"
+
+
+def test_a_session_from_one_replica_works_on_the_other_and_ends_on_both(
+    replicas: tuple[PhivaultServer, ...],
+) -> None:
+    first, second = replicas
+    outputs = [replica.output() for replica in replicas]
+    assert sum("one-time password" in output for output in outputs) == 1, "one bootstrap operator, not two"
+    env = first.env
+    institution = subprocess.run(
+        [PHIVAULT, "institution", "create", "Replica Hospital", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    institution_id = json.loads(institution.stdout)["id"]
+    subprocess.run(
+        [
+            PHIVAULT,
+            "user",
+            "create",
+            "--institution",
+            institution_id,
+            "--email",
+            "rep@example.org",
+            "--role",
+            "clinician",
+            "--password-stdin",
+        ],
+        env=env,
+        input="plain sailing through november\n",
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    with first.client() as a, second.client() as b:
+        tokens = login(a, "rep@example.org", "plain sailing through november").json()
+        headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+        assert b.get("/api/v1/auth/me", headers=headers).status_code == 200
+        rotated = b.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}).json()
+        # the spent refresh token, replayed on the other replica, ends the session there too
+        replay = a.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert replay.json()["code"] == "invalid_grant"
+        new_headers = {"Authorization": f"Bearer {rotated['access_token']}"}
+        assert b.get("/api/v1/auth/me", headers=new_headers).status_code == 401
+        assert a.get("/api/v1/auth/me", headers=new_headers).status_code == 401
+
+        again = login(b, "rep@example.org", "plain sailing through november").json()
+        headers = {"Authorization": f"Bearer {again['access_token']}"}
+        assert a.get("/api/v1/auth/me", headers=headers).status_code == 200
+        assert a.post("/api/v1/auth/logout", headers=headers).status_code == 204
+        assert b.get("/api/v1/auth/me", headers=headers).status_code == 401
+        assert a.get("/api/v1/auth/me", headers=headers).status_code == 401

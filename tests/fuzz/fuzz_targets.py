@@ -26,6 +26,15 @@ with atheris.instrument_imports(include=["phivault"]):
         encrypt_stream,
         read_header_from_range,
     )
+    from phivault.dicom import (
+        DeidOptions,
+        DicomRejected,
+        apply_pixel_rules,
+        default_rules,
+        deidentify,
+        extract_phi,
+        validate,
+    )
 
 DEK = bytes(range(32))  # a fuzzing key: every input is synthetic
 
@@ -44,7 +53,33 @@ def object_reader(data: bytes) -> None:
         pass
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {"object_reader": object_reader}
+MAX_INSTANCE = 8 * 1024 * 1024
+SECRET = b"fuzzing-institution-secret"
+ALL_OPTIONS = DeidOptions(
+    retain_modified_dates=True,
+    retain_device_identity=True,
+    retain_patient_characteristics=True,
+    clean_descriptors=True,
+)
+
+
+def dicom_ingest(data: bytes) -> None:
+    """Untrusted DICOM through the ingest steps.
+
+    Only ``DicomRejected`` may come out of validation, and a validated instance must
+    extract, de-identify and pass the pixel rules without any error.
+    """
+    try:
+        instance = validate(data, max_size=MAX_INSTANCE)
+    except DicomRejected:
+        return
+    extract_phi(instance.dataset)
+    for options in (DeidOptions(), ALL_OPTIONS):
+        clean = deidentify(instance.dataset, options=options, institution_secret=SECRET, pseudonym="P-0001")
+        apply_pixel_rules(clean, default_rules())
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {"object_reader": object_reader, "dicom_ingest": dicom_ingest}
 
 
 def seed_corpus(target: str, directory: Path) -> None:
@@ -63,6 +98,32 @@ def seed_corpus(target: str, directory: Path) -> None:
             )
             # The provider reads two 3-byte integers first, then the ciphertext.
             (directory / f"seed-{size}-{segment}").write_bytes(b"\x00" * 8 + sink.getvalue())
+    elif target == "dicom_ingest":
+        _dicom_seeds(directory)
+
+
+def _dicom_seeds(directory: Path) -> None:
+    from pydicom.data import get_testdata_file  # noqa: PLC0415  # only for seeding
+
+    bundled = (
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "examples_ybr_color.dcm",
+        "examples_rgb_color.dcm",
+        "SC_rgb_rle.dcm",
+    )
+    for name in bundled:
+        path = get_testdata_file(name, read=False, download=False)
+        if path is not None:
+            data = Path(str(path)).read_bytes()
+            # A cine loop is large: its first 256 KiB keep the header and some pixel data.
+            (directory / f"seed-{name}").write_bytes(data[: 256 * 1024])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from factories.dicom_factory import make_instance, to_bytes  # noqa: PLC0415  # synthetic exams
+
+    for frames in (1, 3):
+        dataset, _planted = make_instance(frames=frames)
+        (directory / f"seed-synthetic-{frames}").write_bytes(to_bytes(dataset))
 
 
 def main() -> None:

@@ -11,16 +11,20 @@ every request and response, JUnit) land in the test's tmp directory, one folder 
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pyotp
 import pytest
 
-from servers.phivault import PhivaultServer
+from servers.phivault import PHIVAULT, PhivaultServer, phivault_env
 from servers.tools import SCHEMATHESIS, require_tool
 
 pytestmark = pytest.mark.security
@@ -72,28 +76,84 @@ class FuzzRun:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PhivaultServer]:
-    running = PhivaultServer(tmp_path_factory.mktemp("fuzz") / "data")
+    data_dir = tmp_path_factory.mktemp("fuzz") / "data"
+    # Sign-ins come from 127.0.0.2 (see ``_sign_in``), which must reach admin routes; an
+    # access token lives as long as one run may take.
+    env = phivault_env(data_dir, admin_allow_cidrs="127.0.0.0/8", access_token_seconds="900")
+    running = PhivaultServer(data_dir, env=env)
     running.start()
     yield running
     running.kill()
 
 
-@pytest.fixture(scope="module")
-def auth_headers(server: PhivaultServer) -> list[tuple[str, dict[str, str]]]:
-    """(role, request headers) pairs the API is fuzzed as, one full run each.
+SignIn = Callable[[], dict[str, str]]
+FUZZ_PASSWORD = "fuzzing is a kind of testing"
 
-    Only the anonymous role exists today. Once sign-in lands (DESIGN.md §7), add one entry
-    per role: create the user through ``phivault user create … --password-stdin --json``,
-    sign in with ``POST /api/v1/auth/login`` on ``server``, and return
-    ``(role, {"Authorization": f"Bearer {access_token}"})``. Access tokens live ~5 minutes,
-    longer than one run.
+
+@pytest.fixture(scope="module")
+def auth_headers(server: PhivaultServer) -> list[tuple[str, SignIn]]:
+    """(role, sign-in) pairs the API is fuzzed as, one full run each.
+
+    Each role is a user made with ``phivault user create … --password-stdin``; it signs in
+    just before its run (tokens outlive one run, not all of them) and, where its role
+    needs MFA, sets up TOTP first. Operators and institution admins need MFA by default.
     """
-    del server  # the signed-in roles will need it
-    return [("anonymous", {})]
+    env = server.env
+    institution = _cli(env, "institution", "create", "Fuzz Hospital", "--json")["id"]
+    roles: list[tuple[str, SignIn]] = [("anonymous", dict)]
+    for role in ("operator", "institution_admin", "clinician", "auditor"):
+        where = [] if role == "operator" else ["--institution", institution]
+        email = f"fuzz-{role.replace('_', '-')}@phivault.test"
+        _cli(
+            env,
+            "user",
+            "create",
+            *where,
+            "--email",
+            email,
+            "--role",
+            role,
+            "--password-stdin",
+            "--json",
+            stdin=FUZZ_PASSWORD,
+        )
+        roles.append((role, functools.partial(_sign_in, server, email)))
+    return roles
+
+
+def _cli(env: dict[str, str], *args: str, stdin: str = "") -> dict[str, Any]:
+    done = subprocess.run(
+        [PHIVAULT, *args],
+        env=env,
+        input=stdin + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _sign_in(server: PhivaultServer, email: str) -> dict[str, str]:
+    """Sign in from 127.0.0.2: the runs' failed sign-ins from 127.0.0.1 throttle that address."""
+    context = ssl.create_default_context(cafile=str(server.ca_file))
+    transport = httpx.HTTPTransport(verify=context, local_address="127.0.0.2")
+    with httpx.Client(base_url=server.base_url, transport=transport, timeout=30) as client:
+        response = client.post("/api/v1/auth/login", json={"email": email, "password": FUZZ_PASSWORD})
+        response.raise_for_status()
+        headers = {"Authorization": f"Bearer {response.json()['access_token']}"}
+        me = client.get("/api/v1/auth/me", headers=headers)
+        if me.status_code == 200 and not me.json()["mfa_enabled"]:
+            seed = client.post("/api/v1/auth/mfa/totp", headers=headers).json()["secret"]
+            code = pyotp.TOTP(seed).now()
+            confirmed = client.post("/api/v1/auth/mfa/totp/confirm", headers=headers, json={"code": code})
+            confirmed.raise_for_status()
+    return headers
 
 
 def test_every_operation_survives_fuzzing_as_every_role(
-    server: PhivaultServer, auth_headers: list[tuple[str, dict[str, str]]], tmp_path: Path
+    server: PhivaultServer, auth_headers: list[tuple[str, SignIn]], tmp_path: Path
 ) -> None:
     st = require_tool("schemathesis", SCHEMATHESIS) / "st"
     operations = _count_operations(server)
@@ -101,8 +161,8 @@ def test_every_operation_survives_fuzzing_as_every_role(
     max_examples = max(MIN_EXAMPLES, min(MAX_EXAMPLES, CASES_PER_ROLE // operations))
 
     runs = [
-        _run_schemathesis(st, server, role, headers, tmp_path / role, max_examples)
-        for role, headers in auth_headers
+        _run_schemathesis(st, server, role, sign_in(), tmp_path / role, max_examples)
+        for role, sign_in in auth_headers
     ]
 
     problems: list[str] = []

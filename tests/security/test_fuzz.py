@@ -16,7 +16,7 @@ pytestmark = pytest.mark.security
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
 HARNESS = FUZZ / "fuzz_targets.py"
 REGRESSIONS = FUZZ / "regressions"
-TARGETS = ["object_reader"]
+TARGETS = ["object_reader", "dicom_ingest"]
 SECONDS_PER_TARGET = 30  # issue 9: a 60-second run in make test, across the targets
 LONG_SECONDS_PER_TARGET = 1800
 

@@ -16,9 +16,34 @@ class AuditAction(StrEnum):
     AUDIT_VERIFY = "audit.verify"
     AUDIT_PRUNE = "audit.prune"
     AUDIT_KEY_CREATE = "audit.key_create"
+    AUDIT_FORWARD_FAIL = "audit.forward_fail"
     # keys
     KEY_ROTATE = "key.rotate"
     KEY_SHRED = "key.shred"
+    # accounts, institutions and users
+    INSTITUTION_CREATE = "institution.create"
+    INSTITUTION_UPDATE = "institution.update"
+    USER_CREATE = "user.create"
+    USER_DISABLE = "user.disable"
+    USER_ENABLE = "user.enable"
+    USER_ROLE_CHANGE = "user.role_change"
+    USER_EMAIL_CHANGE = "user.email_change"
+    # accounts, sign-in and sessions
+    AUTH_LOGIN = "auth.login"
+    AUTH_MFA = "auth.mfa"
+    AUTH_LOCKOUT = "auth.lockout"
+    AUTH_REAUTHENTICATE = "auth.reauthenticate"
+    AUTH_TOKEN_REUSE = "auth.token_reuse"  # noqa: S105   # nosec B105 # an action name, not a secret
+    SESSION_END = "session.end"
+    PASSWORD_CHANGE = "password.change"  # noqa: S105   # nosec B105 # an action name, not a secret
+    PASSWORD_RESET_REQUEST = "password.reset_request"  # noqa: S105   # nosec B105 # an action name, not a secret
+    PASSWORD_RESET = "password.reset"  # noqa: S105   # nosec B105 # an action name, not a secret
+    MFA_ENABLE = "mfa.enable"
+    MFA_DISABLE = "mfa.disable"
+    MFA_RECOVERY_CODES = "mfa.recovery_codes"
+    KEY_CREATE = "key.create"
+    KEY_RETIRE = "key.retire"
+    OBJECT_INTEGRITY_FAILURE = "object.integrity_failure"
 
 
 class Outcome(StrEnum):

@@ -107,3 +107,26 @@ class AuditPruneWindow(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     up_to_seq: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime]
+
+
+class AuditForwardCursor(Base):
+    """How far the audit log has been delivered to one SIEM destination (``host:port``).
+
+    ``next_leaf_index`` is the first leaf not yet confirmed delivered; it only moves forward,
+    after a batch was sent and the TLS connection closed cleanly (at-least-once). A forwarder
+    holds the row through a lease (``lease_token`` until ``lease_expires_at``) rather than a
+    row lock, so no database lock is held while talking to the SIEM. ``retry_at`` and
+    ``failures`` give a back-off every replica respects while the SIEM is down.
+    """
+
+    __tablename__ = "audit_forward_cursors"
+
+    destination: Mapped[str] = mapped_column(String(300), primary_key=True)
+    next_leaf_index: Mapped[int] = mapped_column(BigInteger)
+    failures: Mapped[int] = mapped_column(Integer)
+    retry_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    last_delivered_at: Mapped[datetime | None]
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]

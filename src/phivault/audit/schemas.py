@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel, Field
 
 
@@ -30,3 +32,32 @@ class ConsistencyProof(BaseModel):
     hashes: list[str] = Field(description="RFC 9162 §2.1.4 consistency proof, base64")
 
     model_config = {"populate_by_name": True, "serialize_by_alias": True}
+
+
+class EventActor(BaseModel):
+    type: str
+    id: str
+
+
+class EventObject(BaseModel):
+    type: str
+    id: str | None
+
+
+class AuditEventOut(BaseModel):
+    id: str
+    ts: datetime
+    actor: EventActor
+    institution_id: str | None
+    action: str
+    object: EventObject | None
+    outcome: str
+    ip: str | None
+    user_agent: str | None
+    request_id: str | None
+    leaf_index: int | None = Field(description="position in the Merkle tree; null until integrated")
+
+
+class EventPageOut(BaseModel):
+    events: list[AuditEventOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next (older) page; null at the end")

@@ -8,27 +8,44 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from phivault import __version__
+from phivault.accounts.errors import AccountsError, InvalidInput
+from phivault.accounts.permissions import Role
 from phivault.audit.actions import AuditAction, Outcome
+from phivault.audit.export import ExportFilter, ExportFormat, Observer, export_log
 from phivault.audit.service import Actor, SystemSubject
 from phivault.audit.service import record as audit_record
 from phivault.audit.verify import verify_log
 from phivault.config.guardrails import Finding, Status, evaluate, failures
 from phivault.config.settings import Settings, SettingsError, load_settings
 from phivault.config.tls import TLSMaterialError
+from phivault.crypto.errors import KeyNotFound, RotationInProgress
 from phivault.crypto.keyring.errors import KeyringError
+from phivault.crypto.rotation import (
+    ROOT_SETTLE,
+    KeyStatusReport,
+    RotationProgress,
+    key_status,
+    run_rotation_batch,
+    start_rotation,
+)
 from phivault.runtime import Runtime, build_runtime, initialise, umask_owner_only
 
 app = typer.Typer(
@@ -117,10 +134,6 @@ def serve(
     runtime = _runtime(bind=host, port=port, dicom_port=dicom_port)
     settings = runtime.settings
     _initialise(runtime)
-    try:
-        runtime.keyring.check()
-    except KeyringError as exc:
-        fail(f"the keyring cannot be used, refusing to start: {exc}")
     findings = evaluate(runtime)
     for finding in findings:
         if finding.status is not Status.PASS:
@@ -132,6 +145,12 @@ def serve(
     failed = failures(findings)
     if failed and settings.profile == "prod":
         fail("refusing to start in prod while guardrails fail: " + ", ".join(f.guardrail for f in failed))
+    # Whatever the profile: without a working keyring nothing encrypted can be read or written.
+    try:
+        runtime.keyring.check()
+    except KeyringError as exc:
+        fail(f"the keyring cannot be used, refusing to start: {exc}")
+    _bootstrap_operator(runtime)
     from phivault.web.server import run_server  # noqa: PLC0415  # uvicorn only for serve
 
     try:
@@ -235,6 +254,466 @@ def audit_verify(json_output: JsonFlag = False) -> None:
             out.print(f"  - {problem}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _parse_moment(option: str, value: str | None) -> datetime | None:
+    """An ISO 8601 date or date-time; without an offset it is read as UTC."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option}: not an ISO 8601 date or date-time: {value!r}", code=2)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _write_atomically(path: Path, chunks: Iterator[bytes]) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it: a reader sees
+    the old file or the whole new one, never a partial export.
+    """
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(temporary).replace(path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@audit_app.command("export")
+def audit_export(  # noqa: PLR0913, PLR0917  # one option per filter
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="jsonl, fhir (R4 Bundle of AuditEvent) or syslog (RFC 5424)."),
+    ] = ExportFormat.JSONL,
+    institution: Annotated[str | None, typer.Option(help="Only this institution's records.")] = None,
+    platform: Annotated[
+        bool, typer.Option("--platform", help="Only records outside any institution.")
+    ] = False,
+    since: Annotated[
+        str | None, typer.Option(help="From this ISO 8601 time (inclusive; UTC if no offset).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Up to this ISO 8601 time (exclusive).")] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action, e.g. audit.export.")] = None,
+    actor: Annotated[str | None, typer.Option(help="Only records by this actor id.")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write to this file (atomically) instead of stdout.")
+    ] = None,
+) -> None:
+    """Export integrated audit records in leaf order; the export itself is audited."""
+    if institution is not None and platform:
+        fail("--institution and --platform exclude each other", code=2)
+    filters = ExportFilter(
+        institution_id=institution,
+        platform_only=platform,
+        since=_parse_moment("--since", since),
+        until=_parse_moment("--until", until),
+        action=action,
+        actor_id=actor,
+    )
+    runtime = _runtime()
+    try:
+        # Bring the tree up to date first (as a worker would), so the export is current
+        # even where no worker runs; integrating is safe beside running workers.
+        while runtime.audit.integrate_pending(runtime.clock.now()):
+            pass
+        total = runtime.audit.tree_size()
+        if output is None:
+            chunks = export_log(
+                runtime.db,
+                export_format,
+                filters,
+                SystemSubject(Actor.system("phivault-cli")),
+                Observer.local(runtime.settings.audit_origin),
+                now=runtime.clock.now(),
+            )
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err
+        ) as progress:
+            task = progress.add_task("exporting the audit log (leaves)", total=total)
+            chunks = export_log(
+                runtime.db,
+                export_format,
+                filters,
+                SystemSubject(Actor.system("phivault-cli")),
+                Observer.local(runtime.settings.audit_origin),
+                now=runtime.clock.now(),
+                progress=lambda done: progress.update(task, completed=done),
+            )
+            _write_atomically(output, chunks)
+            progress.update(task, completed=total)
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the audit log: {type(exc).__name__}")
+    except OSError as exc:
+        fail(f"cannot write the export: {exc.strerror or type(exc).__name__}")
+    finally:
+        runtime.close()
+
+
+keys_app = typer.Typer(help="Show and rotate the encryption keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("status")
+def keys_status(json_output: JsonFlag = False) -> None:
+    """Show root and institution key versions, their ages, what each wraps, and rotations."""
+    runtime = _runtime()
+    try:
+        with runtime.db.transaction() as session:
+            report = key_status(
+                runtime.keys,
+                session,
+                now=runtime.clock.now(),
+                rotation_days=runtime.settings.key_rotation_days,
+            )
+    except KeyringError as exc:
+        fail(f"the keyring cannot be used: {exc}")
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the key tables (run phivault init?): {type(exc).__name__}")
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps(asdict(report), default=str))
+    else:
+        _print_key_status(report)
+
+
+def _print_key_status(report: KeyStatusReport) -> None:
+    out.print(f"keyring: {report.keyring}", markup=False, highlight=False)
+    roots = Table(title=f"root key {report.root_key_id}")
+    for column in ("version", "created", "age (days)", "state", "wraps"):
+        roots.add_column(column)
+    for v in report.root_versions:
+        state = "current" if v.current else "retired" if v.retired else "previous"
+        created = "-" if v.created_at is None else f"{v.created_at:%Y-%m-%d}"
+        roots.add_row(
+            str(v.version), created, str(v.age_days if v.age_days is not None else "-"), state, str(v.wraps)
+        )
+    out.print(roots)
+    institutions = Table(title="institution keys")
+    for column in ("institution", "version", "state", "created", "age (days)", "root version", "wraps"):
+        institutions.add_column(column)
+    for key in report.institution_keys:
+        institutions.add_row(
+            key.institution_id,
+            str(key.version),
+            key.status,
+            f"{key.created_at:%Y-%m-%d}",
+            str(key.age_days),
+            str(key.root_version),
+            str(key.wraps),
+        )
+    out.print(institutions)
+    out.print(f"patient keys: {report.patient_keys} ({report.shredded_patient_keys} shredded)")
+    for rotation in report.rotations:
+        if not rotation.done:
+            scope = rotation.institution_id or "root"
+            out.print(
+                f"rotation of {scope} v{rotation.from_version} -> v{rotation.to_version}: {rotation.status}, "
+                f"{rotation.rewrapped}/{rotation.total} re-wrapped",
+                markup=False,
+                highlight=False,
+            )
+    if report.overdue:
+        out.print(
+            f"[yellow]older than {report.rotation_days} days:[/] " + ", ".join(report.overdue),
+            highlight=False,
+        )
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    institution: Annotated[
+        str | None,
+        typer.Option("--institution", help="Rotate this institution's key instead of the root key."),
+    ] = None,
+    background: Annotated[
+        bool, typer.Option("--background", help="Only queue the re-wrap job; a worker finishes it.")
+    ] = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Make a new key version current and re-wrap the keys below it (resumes an unfinished one)."""
+    runtime = _runtime()
+    subject = SystemSubject(Actor.system("phivault-cli"))
+    try:
+        runtime.keyring.check()
+        with runtime.db.transaction() as session:
+            progress = start_rotation(
+                runtime.keys, session, institution_id=institution, actor=subject, now=runtime.clock.now()
+            )
+        if not background:
+            progress = _drive_rotation(runtime, progress, quiet=json_output)
+    except KeyNotFound:
+        fail(f"institution {institution} has no key to rotate")
+    except RotationInProgress:
+        fail("another rotation of this key started at the same moment; run the command again to resume it")
+    except KeyringError as exc:
+        fail(f"the keyring cannot be used: {exc}")
+    except SQLAlchemyError as exc:
+        fail(f"cannot update the key tables (run phivault init?): {type(exc).__name__}")
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps({**asdict(progress), "done": progress.done}, default=str))
+        return
+    scope = f"institution {institution}" if institution else "root"
+    out.print(
+        f"{scope} key v{progress.from_version} -> v{progress.to_version}: {progress.status}, "
+        f"{progress.rewrapped}/{progress.total} keys re-wrapped",
+        markup=False,
+        highlight=False,
+    )
+    if progress.status == "settling":
+        out.print(
+            f"old root versions are retired by a worker (phivault serve or worker) after "
+            f"{int(ROOT_SETTLE.total_seconds() // 60)} minutes, or by running this command again then"
+        )
+    elif progress.done and institution is None and progress.retired_version is None:
+        out.print("no root version was retired: older versions still wrap keys (see phivault keys status)")
+
+
+def _drive_rotation(runtime: Runtime, progress: RotationProgress, *, quiet: bool) -> RotationProgress:
+    """Run the rotation's batches here until done (or, for the root, until it settles)."""
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        transient=True,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task("re-wrapping keys", total=max(progress.total, 1), completed=progress.rewrapped)
+        while not progress.done and progress.status != "settling":
+            with runtime.db.transaction() as session:
+                progress = run_rotation_batch(runtime.keys, session, progress.id, now=runtime.clock.now())
+            bar.update(task, completed=progress.rewrapped)
+        if (
+            progress.status == "settling"
+            and progress.settle_until
+            and runtime.clock.now() >= progress.settle_until
+        ):
+            with runtime.db.transaction() as session:
+                progress = run_rotation_batch(runtime.keys, session, progress.id, now=runtime.clock.now())
+    return progress
+
+
+def _bootstrap_operator(runtime: Runtime) -> None:
+    """On an empty database, create the platform operator and show its one-time password.
+
+    Printed once, to the terminal (stderr), never logged (DESIGN.md §7).
+    """
+    try:
+        created = runtime.accounts.ensure_bootstrap_operator()
+    except SQLAlchemyError as exc:
+        fail(f"cannot create the platform operator: {type(exc).__name__}")
+    if created is None:
+        return
+    email, password = created
+    typer.echo(
+        f"phivault: created the platform operator {email}\n"
+        f"phivault: one-time password (shown only now; change it at first sign-in): {password}",
+        err=True,
+    )
+
+
+institution_app = typer.Typer(help="Create and list institutions (tenants).", no_args_is_help=True)
+app.add_typer(institution_app, name="institution")
+user_app = typer.Typer(help="Create, disable and list users.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+_CLI_SUBJECT = SystemSubject(Actor.system("phivault-cli"))
+
+
+def _accounts_runtime() -> Runtime:
+    runtime = _runtime()
+    _initialise(runtime)
+    return runtime
+
+
+def _accounts_failed(exc: AccountsError) -> NoReturn:
+    reasons = exc.extensions.get("reasons")
+    suffix = f" ({', '.join(reasons)})" if isinstance(reasons, list) else ""
+    fail(f"{exc.code}: {exc.detail}{suffix}", code=2 if isinstance(exc, InvalidInput) else 1)
+
+
+@institution_app.command("create")
+def institution_create(
+    name: Annotated[str, typer.Argument(help="The institution's name (unique).")],
+    region: Annotated[
+        str | None, typer.Option(help="Its region; must be this deployment's [PHIVAULT_REGION].")
+    ] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Create an institution, pinned to this deployment's region."""
+    runtime = _accounts_runtime()
+    try:
+        info = runtime.accounts.create_institution(_CLI_SUBJECT, name, region)
+    except AccountsError as exc:
+        _accounts_failed(exc)
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps({"id": info.id, "name": info.name, "region": info.region}))
+    else:
+        out.print(f"created institution {info.name} (id {info.id}, region {info.region})", markup=False)
+
+
+@institution_app.command("list")
+def institution_list(json_output: JsonFlag = False) -> None:
+    """List the institutions."""
+    runtime = _accounts_runtime()
+    try:
+        infos = runtime.accounts.list_institutions(_CLI_SUBJECT)
+    finally:
+        runtime.close()
+    if json_output:
+        rows = [
+            {"id": i.id, "name": i.name, "region": i.region, "created_at": i.created_at.isoformat()}
+            for i in infos
+        ]
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="institutions")
+    for column in ("id", "name", "region", "created"):
+        table.add_column(column)
+    for info in infos:
+        table.add_row(info.id, info.name, info.region, info.created_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+def _read_password_line() -> str:
+    line = sys.stdin.readline()
+    password = line.removesuffix("\n").removesuffix("\r")
+    if not password:
+        fail("--password-stdin: no password on standard input", code=2)
+    return password
+
+
+@user_app.command("create")
+def user_create(  # one option per field of the account
+    email: Annotated[str, typer.Option(help="The sign-in e-mail address (unique).")],
+    role: Annotated[Role, typer.Option(help="operator, institution_admin, clinician or auditor.")],
+    institution: Annotated[
+        str | None, typer.Option(help="The institution's id (every role but operator).")
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the password from the first line of standard input; without it a "
+            "one-time password is generated, printed and must be changed at first sign-in.",
+        ),
+    ] = False,
+    must_change_password: Annotated[
+        bool, typer.Option("--must-change-password", help="Ask for a new password at first sign-in.")
+    ] = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Create a user (no prompts: scripts give the password on standard input)."""
+    password = _read_password_line() if password_stdin else None
+    runtime = _accounts_runtime()
+    try:
+        info, one_time = runtime.accounts.create_user(
+            _CLI_SUBJECT,
+            institution_id=institution,
+            email=email,
+            role=role,
+            password=password,
+            must_change_password=must_change_password,
+        )
+    except AccountsError as exc:
+        _accounts_failed(exc)
+    finally:
+        runtime.close()
+    if json_output:
+        result: dict[str, str | None] = {
+            "id": info.id,
+            "email": info.email,
+            "role": info.role.value,
+            "institution_id": info.institution_id,
+        }
+        if one_time is not None:
+            result["one_time_password"] = one_time
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"created {info.role.value} {info.email} (id {info.id})", markup=False, highlight=False)
+    if one_time is not None:
+        out.print(
+            f"one-time password (change it at first sign-in): {one_time}", markup=False, highlight=False
+        )
+
+
+@user_app.command("disable")
+def user_disable(
+    user: Annotated[str, typer.Argument(help="The user's id or e-mail address.")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Disable a user; their sessions end at once."""
+    runtime = _accounts_runtime()
+    try:
+        found = runtime.accounts.find_user(_CLI_SUBJECT, user)
+        info = runtime.accounts.set_user_disabled(_CLI_SUBJECT, found.id, disabled=True)
+    except AccountsError as exc:
+        _accounts_failed(exc)
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps({"id": info.id, "disabled": info.disabled}))
+    else:
+        out.print(
+            f"disabled {info.email} (id {info.id}); their sessions ended", markup=False, highlight=False
+        )
+
+
+@user_app.command("list")
+def user_list(
+    institution: Annotated[str | None, typer.Option(help="Only this institution's users.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List users (e-mail, role, state; never passwords or secrets)."""
+    runtime = _accounts_runtime()
+    try:
+        users = runtime.accounts.list_users(_CLI_SUBJECT, institution)
+    finally:
+        runtime.close()
+    rows = [
+        {
+            "id": u.id,
+            "institution_id": u.institution_id,
+            "email": u.email,
+            "role": u.role.value,
+            "disabled": u.disabled,
+            "mfa_enabled": u.mfa_enabled,
+            "created_at": u.created_at.isoformat(),
+        }
+        for u in users
+    ]
+    if json_output:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="users")
+    for column in ("id", "institution", "email", "role", "state", "mfa"):
+        table.add_column(column)
+    for u in users:
+        state = "disabled" if u.disabled else "active"
+        table.add_row(
+            u.id, u.institution_id or "-", u.email, u.role.value, state, "on" if u.mfa_enabled else "off"
+        )
+    out.print(table)
 
 
 def main() -> None:

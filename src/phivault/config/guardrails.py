@@ -97,6 +97,27 @@ def keyring(runtime: Runtime) -> Finding:
     return Finding(name, Status.PASS, runtime.keyring.describe())
 
 
+def key_rotation(runtime: Runtime) -> Finding:
+    """Warn when the current root or an institution's current key is past its rotation period."""
+    from phivault.crypto.rotation import key_status  # noqa: PLC0415  # doctor only
+
+    name = "key_rotation"
+    days = runtime.settings.key_rotation_days
+    try:
+        with runtime.db.transaction() as session:
+            report = key_status(runtime.keys, session, now=runtime.clock.now(), rotation_days=days)
+    except (KeyringError, SQLAlchemyError) as exc:
+        return Finding(name, Status.WARN, f"cannot read key versions: {type(exc).__name__}")
+    if report.overdue:
+        shown = ", ".join(report.overdue[:5]) + (" …" if len(report.overdue) > 5 else "")  # noqa: PLR2004
+        return Finding(
+            name,
+            Status.WARN,
+            f"keys older than {days} days (PHIVAULT_KEY_ROTATION_DAYS): {shown}; run phivault keys rotate",
+        )
+    return Finding(name, Status.PASS, f"root and institution keys younger than {days} days")
+
+
 def data_dir_permissions(runtime: Runtime) -> Finding:
     name = "data_dir_permissions"
     data_dir = runtime.settings.data_dir
@@ -196,6 +217,7 @@ GUARDRAILS: tuple[Guardrail, ...] = (
     tls_certificate,
     master_key,
     keyring,
+    key_rotation,
     data_dir_permissions,
     debug_off,
     bind_address,

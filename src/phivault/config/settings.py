@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     bind: str = "127.0.0.1"
     port: int = Field(default=8443, ge=1, le=65535)
     dicom_port: int = Field(default=11112, ge=1, le=65535)
+    # DICOM ingest (phivault.dicom): larger instances are refused with C-STORE status A700 /
+    # STOW-RS failure reason A700; ultrasound top banner blanked by the default pixel rule.
+    dicom_max_instance_bytes: int = Field(default=1_073_741_824, ge=1024)
+    dicom_us_banner_rows: int = Field(default=60, ge=0, le=4096)
     admin_allow_cidrs: Annotated[tuple[IPNetwork, ...], NoDecode] = (
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("::1/128"),
@@ -86,6 +90,44 @@ class Settings(BaseSettings):
     audit_checkpoint_seconds: int = Field(default=10, ge=1)
     # Six months is the floor (also written into the database's delete trigger).
     audit_retention_days: int = Field(default=183, ge=183)
+    # Root and institution keys older than this make `doctor` warn (keys rotate).
+    key_rotation_days: int = Field(default=365, ge=1, le=3650)
+
+    # Accounts (docs/accounts.md). Floors are the ones OWASP's password storage guidance
+    # and NIST SP 800-63B set; a deployment may only raise them.
+    fips: bool = False
+    argon2_memory_kib: int = Field(default=19_456, ge=19_456)
+    argon2_time_cost: int = Field(default=2, ge=2)
+    pbkdf2_iterations: int = Field(default=600_000, ge=600_000)
+    access_token_seconds: int = Field(default=300, ge=60, le=900)
+    session_absolute_hours: int = Field(default=12, ge=1, le=12)
+    operator_idle_minutes: int = Field(default=15, ge=5, le=60)
+    reauth_minutes: int = Field(default=10, ge=1, le=60)
+    max_sessions_per_user: int = Field(default=10, ge=1, le=100)
+    bootstrap_operator_email: str = Field(
+        default="operator@localhost", max_length=254, pattern=r"^[^@\s]+@[^@\s]+$"
+    )
+    public_url: str = Field(default="https://127.0.0.1:8443", pattern=r"^https://[^\s/?#]+(/[^\s?#]*)?$")
+
+    # Outgoing mail (password reset). No host: reset requests are accepted and answered
+    # alike, but no message is sent (a warning is logged once per request).
+    smtp_host: str = ""
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_tls: Literal["starttls", "implicit", "none"] = "starttls"
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_from: str = Field(default="phivault@localhost", max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    smtp_ca_file: Path | None = None  # trust this CA (PEM) instead of the system store
+
+    # SIEM forwarding of the audit log: RFC 5424 syslog over TLS (RFC 5425), off when empty.
+    siem_url: str = Field(default="", pattern=r"^(syslog\+tls://[^/?#\s]+)?$")
+    siem_ca_file: Path | None = None
+    siem_client_cert_file: Path | None = None
+    siem_client_key_file: Path | None = None
+    siem_batch_records: int = Field(default=2000, ge=1, le=10_000)
+    siem_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    siem_tick_budget_seconds: float = Field(default=2.0, gt=0, le=60)
 
     @field_validator("bind")
     @classmethod
@@ -120,6 +162,9 @@ class Settings(BaseSettings):
             object.__setattr__(self, "master_key_file", data_dir / "master.key")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             msg = "PHIVAULT_TLS_CERT_FILE and PHIVAULT_TLS_KEY_FILE must be set together"
+            raise ValueError(msg)
+        if (self.siem_client_cert_file is None) != (self.siem_client_key_file is None):
+            msg = "PHIVAULT_SIEM_CLIENT_CERT_FILE and PHIVAULT_SIEM_CLIENT_KEY_FILE must be set together"
             raise ValueError(msg)
         return self
 

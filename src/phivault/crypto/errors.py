@@ -41,3 +41,45 @@ class InvalidParameterError(CryptoError, ValueError):
     """A caller passed a key, size, key id or range outside what the format allows."""
 
     default_message = "invalid cryptographic parameter"
+
+
+class KeyShredded(CryptoError):
+    """The patient key that protects this data was destroyed (crypto-shredding): it is gone for good.
+
+    Carries no detail: which object or field was asked for is the caller's own knowledge.
+    """
+
+    default_message = "the data was shredded: its patient key was destroyed"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __reduce__(self) -> tuple[type[KeyShredded], tuple[()]]:
+        return (type(self), ())
+
+
+class KeyNotFound(CryptoError, LookupError):
+    """No key with that id exists for that institution (or the institution has no key yet)."""
+
+    default_message = "no such key"
+
+
+class KeyIntegrityError(CryptoError):
+    """A stored (wrapped) key failed authentication: its database row was altered or moved.
+
+    One fixed message and no detail, like ``ObjectIntegrityError``.
+    """
+
+    default_message = "a stored key failed its integrity check"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __reduce__(self) -> tuple[type[KeyIntegrityError], tuple[()]]:
+        return (type(self), ())
+
+
+class RotationInProgress(CryptoError):
+    """Another rotation of the same scope was started at the same moment."""
+
+    default_message = "a rotation of this key is already in progress"

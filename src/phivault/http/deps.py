@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.routing import BaseRoute
 
+from phivault.accounts.errors import Forbidden, MfaEnrolmentRequired, PasswordChangeRequired, Unauthenticated
+from phivault.accounts.permissions import Permission
+from phivault.accounts.principal import Principal
+from phivault.accounts.service import PENDING_MFA_ENROLMENT, PENDING_PASSWORD_CHANGE, Authentication
+from phivault.audit.service import RequestContext
 from phivault.runtime import Runtime
 
 
@@ -15,3 +25,129 @@ def _runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+# -- request context and access control (accounts) -----------------------------------------
+
+PUBLIC = "public"
+AUTHENTICATED = "authenticated"
+ACCESS_EXTENSION = "x-phivault-permission"
+_ACCESS: dict[Callable[..., object], str] = {}
+"""Dependency → the access level it declares; read by ``document_access`` for OpenAPI."""
+
+
+async def public() -> None:
+    """Declares a route open to anyone (the route-matrix test expects no 401/403 there).
+
+    ``async`` like ``_request_context``: a sync dependency takes a thread-pool slot, and
+    ``/healthz`` must not wait behind a burst of sign-ins for one.
+    """
+
+
+_ACCESS[public] = PUBLIC
+Public = Depends(public)
+"""``dependencies=[Public]`` on a route that needs no sign-in."""
+
+
+async def _request_context(request: Request) -> RequestContext:
+    state: dict[str, Any] = request.scope.get("state") or {}
+    return RequestContext(
+        ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent"),
+        request_id=state.get("request_id"),
+    )
+
+
+RequestContextDep = Annotated[RequestContext, Depends(_request_context)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="An access token from `POST /api/v1/auth/login` (or `/mfa/verify`, `/refresh`).",
+)
+
+
+def _authentication(
+    runtime: RuntimeDep,
+    context: RequestContextDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Authentication:
+    if credentials is None:
+        raise Unauthenticated
+    return runtime.accounts.authenticate(credentials.credentials, context)
+
+
+def _setup_principal(authentication: Annotated[Authentication, Depends(_authentication)]) -> Principal:
+    return authentication.principal
+
+
+def _current_principal(authentication: Annotated[Authentication, Depends(_authentication)]) -> Principal:
+    if PENDING_PASSWORD_CHANGE in authentication.pending:
+        raise PasswordChangeRequired
+    if PENDING_MFA_ENROLMENT in authentication.pending:
+        raise MfaEnrolmentRequired
+    return authentication.principal
+
+
+_ACCESS[_current_principal] = AUTHENTICATED
+_ACCESS[_setup_principal] = AUTHENTICATED
+
+CurrentPrincipal = Annotated[Principal, Depends(_current_principal)]
+"""The signed-in principal (Bearer token), or a 401 ``unauthorized`` problem."""
+
+SetupPrincipal = Annotated[Principal, Depends(_setup_principal)]
+"""Like ``CurrentPrincipal``, but also while a password change or MFA enrolment is due:
+only for the routes that carry those steps out (and sign-out)."""
+
+
+def require(permission: Permission) -> Callable[[Principal], Principal]:
+    """A dependency: the signed-in principal if it holds ``permission``, else 403.
+
+    Use as ``Annotated[Principal, Depends(require(Permission.USER_MANAGE))]``. Services
+    check again and scope by institution; this makes the route's need visible (OpenAPI
+    ``x-phivault-permission``) and refuses early.
+    """
+
+    def dependency(principal: CurrentPrincipal) -> Principal:
+        if not principal.has(permission):
+            raise Forbidden
+        return principal
+
+    _ACCESS[dependency] = permission.value
+    return dependency
+
+
+def route_access(dependant: Dependant) -> str | None:
+    """The access a route declares: ``public``, ``authenticated`` or its permission(s)
+    (comma-separated); ``None`` when it declares nothing, ``conflict`` when both public
+    and protected.
+    """
+    found: set[str] = set()
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        if current.call is not None and current.call in _ACCESS:
+            found.add(_ACCESS[current.call])
+        stack.extend(current.dependencies)
+    if PUBLIC in found and len(found) > 1:
+        return "conflict"
+    permissions = found - {PUBLIC, AUTHENTICATED}
+    if permissions:
+        return ",".join(sorted(permissions))
+    return next(iter(found), None)
+
+
+def document_access(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict[str, Any]:
+    """Write each operation's declared access into the OpenAPI document."""
+    paths = schema.get("paths", {})
+    # Included routers are not flattened into app.routes (FastAPI ≥ 0.16x): walk their
+    # effective routes, whose dependant includes router-level dependencies.
+    for route in iter_route_contexts(routes):
+        if not isinstance(route.original_route, APIRoute) or not route.include_in_schema:
+            continue
+        access = route_access(route.dependant) or "undeclared"
+        for method in route.methods or ():
+            operation = paths.get(route.path_format, {}).get(method.lower())
+            if operation is not None:
+                operation[ACCESS_EXTENSION] = access
+    return schema

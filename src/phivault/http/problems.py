@@ -18,6 +18,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from phivault.accounts.errors import AccountsError
+from phivault.crypto.errors import KeyIntegrityError, KeyNotFound, KeyShredded, ObjectIntegrityError
 from phivault.storage.errors import ObjectNotFound, StorageFull, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,32 @@ async def _on_object_missing(_request: Request, _exc: Exception) -> JSONResponse
     return problem_response(Problem(404, "not_found"))
 
 
+async def _on_shredded(_request: Request, _exc: Exception) -> JSONResponse:
+    # 410 Gone (RFC 9110 §15.5.11): the data existed and is permanently unavailable.
+    return problem_response(Problem(410, "shredded", "this data was permanently destroyed"))
+
+
+async def _on_integrity_failure(_request: Request, exc: Exception) -> JSONResponse:
+    # The crypto layer already raised the security alert (log + audit event). 409, not 5xx:
+    # the stored state of this one resource stops it from being served (RFC 9110 §15.5.10);
+    # retrying cannot help and the service itself is healthy. Nothing unauthenticated and
+    # no detail of what failed is returned (no oracle).
+    log.warning("refused to serve data that failed its integrity check: %s", type(exc).__name__)
+    return problem_response(
+        Problem(409, "integrity_check_failed", "stored data failed its integrity check; it was not returned")
+    )
+
+
+async def _on_key_missing(_request: Request, _exc: Exception) -> JSONResponse:
+    return problem_response(Problem(404, "not_found"))
+
+
+async def _on_accounts_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AccountsError)  # noqa: S101  # nosec B101  # registered for it only
+    problem = Problem(exc.status, exc.code, exc.detail, headers=dict(exc.headers), **exc.extensions)
+    return problem_response(problem)
+
+
 async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # Logged by type only: exception messages can quote data.
     log.error("unhandled %s", type(exc).__name__)
@@ -148,6 +176,11 @@ _HANDLERS: tuple[tuple[type[Exception], ExceptionHandler], ...] = (
     (StorageUnavailable, _on_storage_unavailable),
     (StorageFull, _on_storage_full),
     (ObjectNotFound, _on_object_missing),
+    (KeyShredded, _on_shredded),
+    (ObjectIntegrityError, _on_integrity_failure),
+    (KeyIntegrityError, _on_integrity_failure),
+    (KeyNotFound, _on_key_missing),
+    (AccountsError, _on_accounts_error),
     (Exception, _on_unexpected),
 )
 

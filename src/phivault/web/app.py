@@ -15,7 +15,9 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from phivault import __version__
+from phivault.accounts import api as accounts_api
 from phivault.audit import api as audit_api
+from phivault.http.deps import Public, document_access
 from phivault.http.problems import document_problems, install_problem_handlers
 from phivault.runtime import Runtime
 from phivault.web import health
@@ -64,6 +66,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age=runtime.settings.hsts_max_age)
     app.include_router(health.router)
     app.include_router(audit_api.router)
+    app.include_router(accounts_api.router)
     _mount_docs(app)
     _document_problems(app)
     return app
@@ -74,7 +77,7 @@ def _document_problems(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_problems(generate())
+            app.openapi_schema = document_access(document_problems(generate()), app.routes)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise
@@ -89,6 +92,6 @@ def _mount_docs(app: FastAPI) -> None:
     app.mount(STATIC_PREFIX.rstrip("/"), bundle, name="docs-static")
     page = _DOCS_HTML.format(static=STATIC_PREFIX)
 
-    @app.get("/api/docs", include_in_schema=False)
+    @app.get("/api/docs", include_in_schema=False, dependencies=[Public])
     def docs() -> HTMLResponse:
         return HTMLResponse(page)

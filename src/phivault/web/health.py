@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 
-from phivault.http.deps import RuntimeDep
+from phivault.http.deps import Public, RuntimeDep
 from phivault.http.problems import Problem
 from phivault.storage.errors import StorageError
 
@@ -26,15 +26,20 @@ class Readiness(BaseModel):
     checks: dict[str, CheckState]
 
 
-@router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up and answering (it does not look at its dependencies)."""
+@router.get("/healthz", response_model=Health, dependencies=[Public])
+async def healthz() -> Health:
+    """The process is up and answering (it does not look at its dependencies).
+
+    ``async``: answered on the event loop, not queued behind work in the thread pool (a
+    burst of sign-ins hashing passwords), so it measures whether the loop is responsive.
+    """
     return Health(status="ok")
 
 
 @router.get(
     "/readyz",
     response_model=Readiness,
+    dependencies=[Public],
     responses={503: {"description": "a dependency is unavailable (problem+json with `checks`)"}},
 )
 def readyz(runtime: RuntimeDep) -> Readiness:

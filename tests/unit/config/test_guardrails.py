@@ -185,3 +185,16 @@ def test_failures_lists_only_failed_guardrails(runtime: Runtime) -> None:
     broken = _runtime_with(runtime, ManualClock(datetime(2020, 1, 1, tzinfo=UTC)), debug=True, profile="prod")
     names = {finding.guardrail for finding in failures(evaluate(broken))}
     assert {"clock", "debug_off", "tls_certificate", "keyring_master_key"} <= names
+
+
+def test_keys_past_the_rotation_period_warn(runtime: Runtime) -> None:
+    runtime.keyring.check()  # root key version 1, created now
+    with runtime.db.transaction() as session:
+        runtime.keys.new_institution_key(session, "inst-a", runtime.clock.now())
+    assert guardrails.key_rotation(runtime).status is Status.PASS
+    later = ManualClock(runtime.clock.now() + timedelta(days=366))
+    finding = guardrails.key_rotation(_runtime_with(runtime, later))
+    assert finding.status is Status.WARN
+    assert "root" in finding.message
+    assert "inst-a" in finding.message
+    assert guardrails.key_rotation(_runtime_with(runtime, later, key_rotation_days=400)).status is Status.PASS

@@ -7,7 +7,9 @@ from typing import Any, Literal
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
 
-import phivault.audit.models  # noqa: F401  # registers the audit tables in Base.metadata
+import phivault.accounts.models  # registers the accounts tables
+import phivault.audit.models  # registers the audit tables in Base.metadata
+import phivault.crypto.models  # noqa: F401  # the key hierarchy tables
 from phivault.db.models import Base, UTCDateTime
 
 

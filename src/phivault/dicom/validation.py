@@ -1,0 +1,223 @@
+"""Parse and validate one received instance: strict on ingest, lenient for display.
+
+pydicom's value validation mode is process-wide (``config.settings``), so both readers take
+one lock while they parse; the strict reader converts every element inside it, so a value
+that breaks its VR (PS3.5 §6.2) raises there and not later in another thread's mode.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+from dataclasses import dataclass
+from typing import BinaryIO, Final
+
+import pydicom
+from pydicom import config
+from pydicom import uid as dicom_uid
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+
+from phivault.dicom.errors import DicomRejected, RejectionCode
+
+# Storage SOP Classes accepted (PS3.4 Annex B.5 Table B.5-1).
+SUPPORTED_SOP_CLASSES: Final[frozenset[str]] = frozenset(
+    {
+        dicom_uid.UltrasoundImageStorage,
+        dicom_uid.UltrasoundMultiFrameImageStorage,
+        "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired); older devices still send it
+        "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
+        dicom_uid.SecondaryCaptureImageStorage,
+        dicom_uid.MultiFrameSingleBitSecondaryCaptureImageStorage,
+        dicom_uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        dicom_uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        dicom_uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
+        dicom_uid.CTImageStorage,
+        dicom_uid.EnhancedCTImageStorage,
+        dicom_uid.MRImageStorage,
+        dicom_uid.EnhancedMRImageStorage,
+        dicom_uid.ComputedRadiographyImageStorage,
+        dicom_uid.DigitalXRayImageStorageForPresentation,
+        dicom_uid.DigitalXRayImageStorageForProcessing,
+    }
+)
+
+ULTRASOUND_SOP_CLASSES: Final[frozenset[str]] = frozenset(
+    {
+        dicom_uid.UltrasoundImageStorage,
+        dicom_uid.UltrasoundMultiFrameImageStorage,
+        "1.2.840.10008.5.1.4.1.1.6",
+        "1.2.840.10008.5.1.4.1.1.3",
+    }
+)
+
+# Transfer syntaxes kept as received: never re-encoded (PS3.5 Annex A).
+SUPPORTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(
+    {
+        dicom_uid.ImplicitVRLittleEndian,
+        dicom_uid.ExplicitVRLittleEndian,
+        dicom_uid.DeflatedExplicitVRLittleEndian,
+        dicom_uid.ExplicitVRBigEndian,
+        dicom_uid.JPEGBaseline8Bit,
+        dicom_uid.JPEGExtended12Bit,
+        dicom_uid.JPEGLossless,
+        dicom_uid.JPEGLosslessSV1,
+        dicom_uid.JPEGLSLossless,
+        dicom_uid.JPEGLSNearLossless,
+        dicom_uid.JPEG2000Lossless,
+        dicom_uid.JPEG2000,
+        dicom_uid.HTJ2KLossless,
+        dicom_uid.HTJ2KLosslessRPCL,
+        dicom_uid.HTJ2K,
+        dicom_uid.RLELossless,
+        # Ultrasound cine loops are often sent as video.
+        dicom_uid.MPEG2MPML,
+        dicom_uid.MPEG2MPHL,
+        dicom_uid.MPEG4HP41,
+        dicom_uid.MPEG4HP41BD,
+        dicom_uid.HEVCMP51,
+        dicom_uid.HEVCM10P51,
+    }
+)
+
+# Elements larger than this stay in the received buffer until first used (pixel data).
+DEFER_SIZE: Final = 256 * 1024
+_UNDEFINED_LENGTH: Final = 0xFFFFFFFF
+_CONFIG_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedInstance:
+    """A parsed instance that passed every ingest check.
+
+    The pixel data of ``dataset`` may still be in the received buffer (deferred read): keep a
+    stream passed to :func:`validate` open until the dataset has been written out.
+    """
+
+    dataset: Dataset
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    size: int
+
+
+# What pydicom raises on hostile input besides its own errors, found by fuzzing
+# (tests/fuzz): e.g. LookupError for an unknown Specific Character Set, RecursionError for
+# deeply nested sequences. Every one means "this cannot be parsed", never a crash.
+_PARSE_ERRORS = (
+    ValueError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    NotImplementedError,
+    RecursionError,
+    BytesLengthException,  # a value whose length is not a multiple of its VR's width
+)
+
+
+def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
+    """Parse ``raw`` strictly as a DICOM PS3.10 file and check it may be ingested.
+
+    Raises :class:`DicomRejected` with the code, C-STORE status and STOW-RS failure reason.
+    """
+    stream, size = _open(raw, max_size=max_size)
+    with _CONFIG_LOCK, config.strict_reading():
+        try:
+            dataset = pydicom.dcmread(stream, force=False, defer_size=DEFER_SIZE)
+        except InvalidDicomError:
+            raise DicomRejected(
+                RejectionCode.NOT_DICOM, "no DICOM preamble and 'DICM' prefix (PS3.10 §7.1)"
+            ) from None
+        # "from None": pydicom's messages quote element values, which may be PHI.
+        except (EOFError, OSError, struct.error):
+            raise DicomRejected(RejectionCode.TRUNCATED, "the data ends inside an element") from None
+        except _PARSE_ERRORS:
+            raise DicomRejected(RejectionCode.NOT_DICOM, "the data set cannot be parsed") from None
+        _check_complete(dataset, size)
+        try:
+            for _ in dataset.iterall():
+                pass  # converting each element validates its value against its VR
+        except (EOFError, OSError, struct.error):
+            raise DicomRejected(RejectionCode.TRUNCATED, "the data ends inside an element") from None
+        except _PARSE_ERRORS:
+            raise DicomRejected(
+                RejectionCode.INVALID_VALUE, "a value does not conform to its VR (PS3.5 §6.2)"
+            ) from None
+    transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
+    if transfer_syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+        raise DicomRejected(RejectionCode.UNSUPPORTED_TRANSFER_SYNTAX, "transfer syntax not supported")
+    sop_class = _required_uid(dataset, "SOPClassUID")
+    if sop_class not in SUPPORTED_SOP_CLASSES:
+        raise DicomRejected(RejectionCode.UNSUPPORTED_SOP_CLASS, "SOP Class not supported")
+    return ValidatedInstance(
+        dataset=dataset,
+        sop_class_uid=sop_class,
+        sop_instance_uid=_required_uid(dataset, "SOPInstanceUID"),
+        study_instance_uid=_required_uid(dataset, "StudyInstanceUID"),
+        series_instance_uid=_required_uid(dataset, "SeriesInstanceUID"),
+        transfer_syntax_uid=transfer_syntax,
+        size=size,
+    )
+
+
+def read_for_display(raw: bytes | BinaryIO) -> Dataset:
+    """Parse leniently, for showing what was received: no preamble needed, no value checks.
+
+    Never use the result for ingest; :func:`validate` decides what may be stored.
+    """
+    stream = io.BytesIO(raw) if isinstance(raw, bytes | bytearray | memoryview) else raw
+    with _CONFIG_LOCK, config.disable_value_validation():
+        dataset = pydicom.dcmread(stream, force=True, defer_size=DEFER_SIZE)
+        for _ in dataset.iterall():
+            pass  # convert now, under the lenient mode, not later under another one
+    return dataset
+
+
+def _open(raw: bytes | BinaryIO, *, max_size: int) -> tuple[BinaryIO, int]:
+    if isinstance(raw, bytes | bytearray | memoryview):
+        size = len(raw)
+        stream: BinaryIO = io.BytesIO(raw)
+    elif raw.seekable():
+        start = raw.tell()
+        size = raw.seek(0, io.SEEK_END) - start
+        raw.seek(start)
+        stream = raw
+    else:
+        data = raw.read(max_size + 1)
+        size, stream = len(data), io.BytesIO(data)
+    if size > max_size:
+        raise DicomRejected(RejectionCode.TOO_LARGE, f"instance larger than {max_size} bytes")
+    return stream, size
+
+
+def _check_complete(dataset: Dataset, size: int) -> None:
+    """Refuse a file whose last top-level element runs past its end.
+
+    pydicom returns the bytes that are there for a short final value and defers large
+    values without reading them, so a truncated upload would otherwise parse.
+    """
+    for tag in list(dataset.keys()):
+        element = dataset.get_item(tag, keep_deferred=True)
+        if not isinstance(element, RawDataElement) or element.length == _UNDEFINED_LENGTH:
+            continue
+        if element.value is None:
+            complete = element.value_tell + element.length <= size
+        else:
+            complete = len(element.value) == element.length
+        if not complete:
+            raise DicomRejected(RejectionCode.TRUNCATED, "the data ends inside an element")
+
+
+def _required_uid(dataset: Dataset, keyword: str) -> str:
+    # Type 1 in the SOP Common, General Study and General Series modules (PS3.3 C.12.1,
+    # C.7.2.1, C.7.3.1); a UID is at most 64 characters of digits and dots (PS3.5 §9.1).
+    value = dataset.get(keyword)
+    text = str(value) if value is not None else ""
+    if not text or not dicom_uid.UID(text).is_valid:
+        raise DicomRejected(RejectionCode.MISSING_UID, f"{keyword} is missing or not a valid UID")
+    return text
