@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements/dev.lock
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements/dev.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
@@ -27,8 +27,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy src tests $(wildcard bench/*.py scripts/*.py)
 
+# Bytecode is compiled ahead of time: with PYTHONDONTWRITEBYTECODE set (as on some CI
+# machines) every process would otherwise recompile every module, and the suite starts
+# hundreds of phivault processes.
 test: install lint typecheck
 	bash scripts/install-test-deps.sh
+	$(BIN)/python -m compileall -q src tests
 	$(BIN)/python -m pytest
 
 test-long: install

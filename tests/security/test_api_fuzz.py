@@ -42,8 +42,8 @@ CHECKS = (
 )
 PHASES = "examples,coverage,fuzzing,stateful"  # stateful runs once the document has links
 SEED = 20_261_122
-CASES_PER_ROLE = 1_000  # fuzzing budget spread over the operations
-MIN_EXAMPLES, MAX_EXAMPLES = 10, 100
+CASES_PER_ROLE = 400  # fuzzing budget spread over the operations (five roles: keep the suite under 20 min)
+MIN_EXAMPLES, MAX_EXAMPLES = 5, 100
 RUN_TIMEOUT = 300
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 _SHOWN_BODY = 600

