@@ -33,7 +33,7 @@ typecheck: install
 test: install lint typecheck
 	bash scripts/install-test-deps.sh
 	$(BIN)/python -m compileall -q src tests
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
 test-long: install
 	bash scripts/install-test-deps.sh
