@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -134,3 +136,27 @@ def test_audit_verify_passes_then_finds_tampering(tmp_path: Path) -> None:
     tampered = run("audit", "verify", "--json", env=env)
     assert tampered.returncode == 1
     assert json.loads(tampered.stdout)["first_bad_index"] == 0
+
+
+def test_serve_refuses_a_master_key_that_does_not_open_the_keyring(tmp_path: Path) -> None:
+    env = phivault_env(tmp_path / "data", port=str(free_port()))
+    assert run("init", env=env).returncode == 0
+    assert run("doctor", env=env).returncode == 0  # the keyring exists, sealed by this key
+    key = tmp_path / "data" / "master.key"
+    key.unlink()
+    key.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+    key.chmod(0o600)
+    result = run("serve", env=env)
+    assert result.returncode == 1
+    assert "keyring cannot be used" in result.stderr
+
+
+def test_audit_prune_refuses_the_retention_lock(tmp_path: Path) -> None:
+    env = phivault_env(tmp_path / "data")
+    assert run("init", env=env).returncode == 0
+    refused = run("audit", "prune", "--before", "2026-11-01", env=env)
+    assert refused.returncode == 1
+    assert "retention lock" in refused.stderr
+    allowed = run("audit", "prune", "--before", "2020-01-01", "--json", env=env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["deleted"] == 0

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import and_, delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from phivault.audit.actions import ActorType, AuditAction, Outcome
@@ -38,6 +38,7 @@ from phivault.audit.models import (
     AuditCheckpoint,
     AuditLeaf,
     AuditNode,
+    AuditPruneWindow,
     AuditRecord,
     AuditSigningKey,
     AuditTreeHead,
@@ -358,6 +359,40 @@ class AuditLog:
             if latest is not None and latest.size == head.size:
                 return latest
             return self._sign(session, Frontier.from_bytes(head.frontier), now)
+
+    # -- retention -----------------------------------------------------------------------
+
+    def prune(self, subject: Subject, *, before: datetime, retention: timedelta, now: datetime) -> int:
+        """Delete records older than ``before`` that are already in the tree; return how many.
+
+        ``before`` must lie outside the retention lock (``now - retention``; the database's
+        own trigger also refuses anything younger than six months). The leaves and nodes stay,
+        so every checkpoint and proof remains verifiable; ``verify`` uses the stored leaf
+        hash for a pruned record.
+        """
+        if before > now - retention:
+            raise AuditError(
+                f"records younger than the retention lock ({retention.days} days) cannot be pruned"
+            )
+        with self.db.transaction() as session:
+            session.get(AuditTreeHead, HEAD_ID, with_for_update=True)  # one pruner or sequencer at a time
+            integrated_and_old = (
+                select(AuditRecord.seq)
+                .join(AuditLeaf, AuditLeaf.record_seq == AuditRecord.seq)
+                .where(AuditRecord.ts < before)
+            )
+            up_to = session.scalar(select(func.max(integrated_and_old.subquery().c.seq)))
+            if up_to is None:
+                return 0
+            session.add(AuditPruneWindow(id=new_id(), up_to_seq=up_to, created_at=now))
+            session.flush()
+            deleted = session.execute(
+                delete(AuditRecord)
+                .where(AuditRecord.seq <= up_to, AuditRecord.seq.in_(integrated_and_old))
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+            record(session, AuditAction.AUDIT_PRUNE, subject, None, Outcome.SUCCESS, now=now)
+            return int(deleted)
 
     # -- reading -------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -29,6 +29,7 @@ from phivault import __version__
 from phivault.accounts.errors import AccountsError, InvalidInput
 from phivault.accounts.permissions import Role
 from phivault.audit.actions import AuditAction, Outcome
+from phivault.audit.errors import AuditError
 from phivault.audit.export import ExportFilter, ExportFormat, Observer, export_log
 from phivault.audit.service import Actor, SystemSubject
 from phivault.audit.service import record as audit_record
@@ -287,6 +288,38 @@ def _write_atomically(path: Path, chunks: Iterator[bytes]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@audit_app.command("prune")
+def audit_prune(
+    before: Annotated[
+        str, typer.Option(help="Delete records older than this ISO 8601 time (UTC if no offset).")
+    ],
+    json_output: JsonFlag = False,
+) -> None:
+    """Delete audit records older than the retention lock; the tree stays verifiable."""
+    moment = _parse_moment("--before", before)
+    if moment is None:
+        fail("--before is required", code=2)
+    runtime = _runtime()
+    try:
+        retention = timedelta(days=runtime.settings.audit_retention_days)
+        deleted = runtime.audit.prune(
+            SystemSubject(Actor.system("phivault-cli")),
+            before=moment,
+            retention=retention,
+            now=runtime.clock.now(),
+        )
+    except AuditError as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(f"cannot prune the audit log: {type(exc).__name__}")
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps({"deleted": deleted, "before": moment.isoformat()}))
+    else:
+        out.print(f"deleted {deleted} audit records older than {moment:%Y-%m-%d %H:%M:%S %Z}")
 
 
 @audit_app.command("export")

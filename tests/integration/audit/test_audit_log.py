@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from phivault.audit.actions import ActorType, AuditAction, Outcome
 from phivault.audit.canonical import RecordFields, canonical_bytes
 from phivault.audit.checkpoint import parse_and_verify, verifier_key
+from phivault.audit.errors import AuditError
 from phivault.audit.merkle import leaf_hash, root_from_leaf_hashes, verify_consistency, verify_inclusion
 from phivault.audit.models import AuditCheckpoint, AuditLeaf, AuditNode, AuditPruneWindow, AuditRecord
 from phivault.audit.service import RECORD_COLUMNS, Actor, RequestContext, SystemSubject, Target, record
@@ -376,3 +377,36 @@ def test_nodes_and_leaves_are_all_stored(sealed_log: Runtime) -> None:
         # every perfect subtree above the leaves: 32+16+8+4+2+1 for the first 64 leaves
         assert session.scalar(select(func.count()).select_from(AuditNode)) == 63
         assert session.scalar(select(func.count()).select_from(AuditCheckpoint)) == 3
+
+
+def test_prune_deletes_only_old_integrated_records_and_the_log_still_verifies(
+    runtime: Runtime, clock: ManualClock
+) -> None:
+    clock.set(datetime.now(UTC) - timedelta(days=400))
+    old = _record(runtime, 4)
+    runtime.audit.checkpoint_now(clock.now())
+    clock.set(datetime.now(UTC))
+    young = _record(runtime, 3)
+    runtime.audit.checkpoint_now(clock.now())
+    operator = SystemSubject(Actor(ActorType.USER, "operator-1"))
+    cutoff = clock.now() - timedelta(days=300)
+    with runtime.db.transaction() as session:
+        older = session.scalar(select(func.count()).where(AuditRecord.ts < cutoff))
+    assert older == len(old) + 1  # and the checkpoint key's creation, written back then
+    deleted = runtime.audit.prune(operator, before=cutoff, retention=timedelta(days=183), now=clock.now())
+    assert deleted == older
+    with runtime.db.transaction() as session:
+        left = set(session.scalars(select(AuditRecord.id)))
+    assert not left & set(old)
+    assert set(young) <= left
+    report = verify_log(runtime.db)
+    assert report.ok, report.problems
+
+
+def test_prune_refuses_the_retention_lock(runtime: Runtime, clock: ManualClock) -> None:
+    _record(runtime, 2)
+    operator = SystemSubject(Actor(ActorType.USER, "operator-1"))
+    with pytest.raises(AuditError, match="retention lock"):
+        runtime.audit.prune(
+            operator, before=clock.now() - timedelta(days=30), retention=timedelta(days=183), now=clock.now()
+        )
