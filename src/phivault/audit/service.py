@@ -31,7 +31,7 @@ from phivault.audit.merkle import (
     Frontier,
     NodeId,
     consistency_proof,
-    inclusion_proof,
+    inclusion_proof_plan,
     leaf_hash,
 )
 from phivault.audit.models import (
@@ -421,9 +421,13 @@ class AuditLog:
             self._check_size(session, size)
             if not 0 <= index < size:
                 raise ProofError("index must be below size")
-            source = DatabaseNodeSource(session)
-            leaf = source.get_nodes([NodeId(0, index)])[NodeId(0, index)]
-            return leaf, inclusion_proof(index, size, source)
+            # The leaf and its path in one fetch (one query per table).
+            plan = inclusion_proof_plan(index, size)
+            leaf_id = NodeId(0, index)
+            nodes = DatabaseNodeSource(session).get_nodes([*plan.node_ids, leaf_id])
+            if leaf_id not in nodes:
+                raise ProofError("the leaf is not stored")
+            return nodes[leaf_id], plan.assemble(nodes)
 
     def consistency(self, old_size: int, new_size: int) -> list[bytes]:
         """The RFC 9162 consistency proof between the trees of ``old_size`` and ``new_size``."""
