@@ -140,8 +140,12 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
             raise DicomRejected(RejectionCode.NOT_DICOM, "the data set cannot be parsed") from None
         _check_complete(dataset, size)
         try:
+            # Converting each element validates its value against its VR; the file meta
+            # group (0002) too, which iterall() leaves out (found by fuzzing).
+            for _ in dataset.file_meta.iterall():
+                pass
             for _ in dataset.iterall():
-                pass  # converting each element validates its value against its VR
+                pass
         except (EOFError, OSError, struct.error):
             raise DicomRejected(RejectionCode.TRUNCATED, "the data ends inside an element") from None
         except _PARSE_ERRORS:
