@@ -85,6 +85,7 @@ class QuarantineReason(StrEnum):
     NO_MATCHING_RULE = "no_matching_rule"
     COMPRESSED_PIXEL_DATA = "compressed_pixel_data"
     UNSUPPORTED_PIXEL_LAYOUT = "unsupported_pixel_layout"
+    UNDECODABLE_PIXEL_DATA = "undecodable_pixel_data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +118,20 @@ def apply_pixel_rules(dataset: Dataset, rules: tuple[PixelRule, ...]) -> PixelOu
     if rule is None:
         return PixelOutcome(PixelOutcomeKind.QUARANTINE, QuarantineReason.NO_MATCHING_RULE)
     transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
-    if transfer_syntax == RLELossless:
+    if transfer_syntax.is_compressed and transfer_syntax != RLELossless:
+        return PixelOutcome(PixelOutcomeKind.QUARANTINE, QuarantineReason.COMPRESSED_PIXEL_DATA, rule)
+    try:
+        return _blank_with(dataset, rule, rle=transfer_syntax == RLELossless)
+    except Exception:  # noqa: BLE001  # hostile pixel data: whatever the decoder raises, it is quarantined
+        # Found by fuzzing: corrupt encapsulated data makes pydicom's decoders raise
+        # ValueError and others. Undecodable pixels are never stored as de-identified.
+        return PixelOutcome(PixelOutcomeKind.QUARANTINE, QuarantineReason.UNDECODABLE_PIXEL_DATA, rule)
+
+
+def _blank_with(dataset: Dataset, rule: PixelRule, *, rle: bool) -> PixelOutcome:
+    if rle:
         _blank_rle(dataset, rule)
         return _blanked(dataset, rule)
-    if transfer_syntax.is_compressed:
-        return PixelOutcome(PixelOutcomeKind.QUARANTINE, QuarantineReason.COMPRESSED_PIXEL_DATA, rule)
     frames = _frames_view(dataset)
     if frames is None:
         return PixelOutcome(PixelOutcomeKind.QUARANTINE, QuarantineReason.UNSUPPORTED_PIXEL_LAYOUT, rule)
