@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ipaddress
 import os
 import secrets
 import signal
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Self
 
 import hvac  # type: ignore[import-untyped]  # hvac ships no type information
 
+from servers.common import listening_addresses
 from servers.tools import VENVS_DIR, ToolUnavailableError, ensure_tool_venv
 
 if TYPE_CHECKING:
@@ -207,14 +207,7 @@ class OpenBaoServer:
         """(address, port) of every TCP socket the server process listens on."""
         if self._process is None:
             return []
-        inodes: set[str] = set()
-        with contextlib.suppress(OSError):
-            for fd in Path(f"/proc/{self._process.pid}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = str(fd.readlink())
-                    if target.startswith("socket:["):
-                        inodes.add(target[len("socket:[") : -1])
-        return [address for inode, address in _listening_sockets().items() if inode in inodes]
+        return listening_addresses([self._process.pid])
 
 
 def start_openbao_dev(workdir: Path, *, tls: bool = False) -> OpenBaoServer:
@@ -222,20 +215,3 @@ def start_openbao_dev(workdir: Path, *, tls: bool = False) -> OpenBaoServer:
     server = OpenBaoServer(workdir, tls=tls)
     server.start()
     return server
-
-
-def _listening_sockets() -> dict[str, tuple[str, int]]:
-    """Map inode to (address, port) for each listening TCP socket (/proc/net/tcp, tcp6)."""
-    found: dict[str, tuple[str, int]] = {}
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-                columns = line.split()
-                if columns[3] != "0A":  # TCP_LISTEN
-                    continue
-                address_hex, port_hex = columns[1].split(":")
-                raw = bytes.fromhex(address_hex)
-                # The kernel prints each 32-bit word in host (little-endian) order.
-                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                found[columns[9]] = (str(ipaddress.ip_address(words)), int(port_hex, 16))
-    return found

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ipaddress
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from servers.common import free_port, port_open, wait_until
+from servers.common import free_port, listening_sockets, port_open, wait_until
 from servers.pki import CLIENT_AUTH, TestAuthority, loopback_names
 
 RSYSLOGD = "rsyslogd"
@@ -146,21 +145,7 @@ action(type="omfile" file="{self.received}" template="raw")
 
     def listening_addresses(self) -> set[str]:
         """Local addresses rsyslogd listens on at our port (from /proc/net/tcp{,6})."""
-        found: set[str] = set()
-        for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
-            with contextlib.suppress(OSError):
-                for line in Path(table).read_text().splitlines()[1:]:
-                    fields = line.split()
-                    address, port_hex = fields[1].split(":")
-                    if fields[3] != "0A" or int(port_hex, 16) != self.port:  # 0A = LISTEN
-                        continue
-                    raw = bytes.fromhex(address)
-                    if family == 4:
-                        found.add(str(ipaddress.IPv4Address(raw[::-1])))
-                    else:
-                        words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-                        found.add(str(ipaddress.IPv6Address(words)))
-        return found
+        return {address for address, port in listening_sockets().values() if port == self.port}
 
     def messages(self) -> list[str]:
         if not self.received.exists():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ipaddress
 import os
 import signal
 import subprocess
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Self
 import boto3
 from botocore.config import Config
 
-from servers.common import free_port
+from servers.common import free_port, listening_addresses, process_group
 from servers.tools import ToolUnavailableError, ensure_tool_venv
 
 if TYPE_CHECKING:
@@ -245,8 +244,7 @@ class S3Server:
         """(address, port) of every TCP socket the server's processes listen on."""
         if self._process is None:
             return []
-        inodes = {inode for pid in _process_group(self._process.pid) for inode in _socket_inodes(pid)}
-        return [address for inode, address in _listening_sockets().items() if inode in inodes]
+        return listening_addresses(process_group(self._process.pid))
 
 
 def start_s3_server(workdir: Path) -> S3Server:
@@ -263,47 +261,3 @@ def _exited(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state in ("Z", "X")
-
-
-def _process_group(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state, ppid, pgrp, …
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = str(fd.readlink())
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:[") : -1])
-    return inodes
-
-
-def _listening_sockets() -> dict[str, tuple[str, int]]:
-    """Map inode to (address, port) for each listening TCP socket (/proc/net/tcp, tcp6)."""
-    found: dict[str, tuple[str, int]] = {}
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-                columns = line.split()
-                if columns[3] != "0A":  # TCP_LISTEN
-                    continue
-                address_hex, port_hex = columns[1].split(":")
-                raw = bytes.fromhex(address_hex)
-                # The kernel prints each 32-bit word in host (little-endian) order.
-                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                found[columns[9]] = (str(ipaddress.ip_address(words)), int(port_hex, 16))
-    return found
