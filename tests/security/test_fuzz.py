@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,11 +18,16 @@ FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
 HARNESS = FUZZ / "fuzz_targets.py"
 REGRESSIONS = FUZZ / "regressions"
 TARGETS = ["object_reader", "dicom_ingest"]
-SECONDS_PER_TARGET = 30  # issue 9: a 60-second run in make test, across the targets
+# make test is a gate, so its run is reproducible: a fixed seed and a fixed number of
+# executions (about 30 s per target here; issue 9 asks for a 60-second run). The same inputs
+# are tried on every machine, so a pass here is a pass in CI. Open-ended exploration, which
+# finds new inputs, is the 30-minute run of make test-long; what it finds is kept below.
+GATE_RUNS = {"object_reader": 600_000, "dicom_ingest": 12_000}
+GATE_TIME_CAP = 300  # seconds: only a safety net on a much slower machine
 LONG_SECONDS_PER_TARGET = 1800
 
 
-def _fuzz(target: str, seconds: int, tmp_path: Path) -> None:
+def _fuzz(target: str, limits: list[str], tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     subprocess.run([sys.executable, str(HARNESS), target, "--seed", str(corpus)], check=True)
     result = subprocess.run(
@@ -29,7 +35,7 @@ def _fuzz(target: str, seconds: int, tmp_path: Path) -> None:
             sys.executable,
             str(HARNESS),
             target,
-            f"-max_total_time={seconds}",
+            *limits,
             "-timeout=5",  # per-input time limit: a hang is a crash
             "-rss_limit_mb=2048",
             "-seed=20261122",
@@ -40,6 +46,7 @@ def _fuzz(target: str, seconds: int, tmp_path: Path) -> None:
         text=True,
         check=False,
         cwd=tmp_path,
+        env={**os.environ, "PYTHONHASHSEED": "0"},  # string hashing must not vary between runs
     )
     crashes = (
         sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*")) + sorted(tmp_path.glob("oom-*"))
@@ -54,13 +61,13 @@ def _fuzz(target: str, seconds: int, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzzing_finds_no_crash(target: str, tmp_path: Path) -> None:
-    _fuzz(target, SECONDS_PER_TARGET, tmp_path)
+    _fuzz(target, [f"-runs={GATE_RUNS[target]}", f"-max_total_time={GATE_TIME_CAP}"], tmp_path)
 
 
 @pytest.mark.long
 @pytest.mark.parametrize("target", TARGETS)
 def test_long_fuzzing_finds_no_crash(target: str, tmp_path: Path) -> None:
-    _fuzz(target, LONG_SECONDS_PER_TARGET, tmp_path)
+    _fuzz(target, [f"-max_total_time={LONG_SECONDS_PER_TARGET}"], tmp_path)
 
 
 @pytest.mark.parametrize("target", TARGETS)

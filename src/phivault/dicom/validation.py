@@ -16,6 +16,7 @@ from typing import BinaryIO, Final
 import pydicom
 from pydicom import config
 from pydicom import uid as dicom_uid
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
@@ -146,6 +147,7 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
                 pass
             for _ in dataset.iterall():
                 pass
+            _check_file_meta_vrs(dataset)
         except (EOFError, OSError, struct.error):
             raise DicomRejected(RejectionCode.TRUNCATED, "the data ends inside an element") from None
         except _PARSE_ERRORS:
@@ -167,6 +169,21 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
         transfer_syntax_uid=transfer_syntax,
         size=size,
     )
+
+
+def _check_file_meta_vrs(dataset: Dataset) -> None:
+    """PS3.10 §7.1 (Table 7.1-1) fixes the VR of every File Meta element; a file that says
+    otherwise is malformed (found by fuzzing: a UID element read as TM broke later steps).
+    """
+    for element in dataset.file_meta:
+        try:
+            expected = dictionary_VR(element.tag)
+        except KeyError:
+            continue  # an element this dictionary does not know: nothing to compare with
+        if element.VR not in expected.split(" or "):
+            raise DicomRejected(
+                RejectionCode.INVALID_VALUE, "a File Meta element has the wrong VR (PS3.10 §7.1)"
+            )
 
 
 def read_for_display(raw: bytes | BinaryIO) -> Dataset:
