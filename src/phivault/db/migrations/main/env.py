@@ -9,7 +9,8 @@ from alembic.autogenerate.api import AutogenContext
 
 import phivault.accounts.models  # registers the accounts tables
 import phivault.audit.models  # registers the audit tables in Base.metadata
-import phivault.crypto.models  # noqa: F401  # the key hierarchy tables
+import phivault.crypto.models  # the key hierarchy tables
+import phivault.exams.models  # noqa: F401  # the exam index, quarantine, ingest policy
 from phivault.db.models import Base, UTCDateTime
 
 

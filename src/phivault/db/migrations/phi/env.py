@@ -7,6 +7,7 @@ from typing import Any, Literal
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
 
+import phivault.exams.phi_models  # noqa: F401  # registers the PHI store tables
 from phivault.db.models import PhiBase, UTCDateTime
 
 

@@ -1,0 +1,1 @@
+"""Exams: the ingest pipeline, the PHI store, quotas, quarantine (DESIGN.md §3)."""
