@@ -44,6 +44,16 @@ class AuditAction(StrEnum):
     KEY_CREATE = "key.create"
     KEY_RETIRE = "key.retire"
     OBJECT_INTEGRITY_FAILURE = "object.integrity_failure"
+    # exams: ingest (ids only: instance, quarantine entry, study; never UIDs of the sender)
+    INSTANCE_INGEST = "instance.ingest"
+    INSTANCE_DUPLICATE = "instance.duplicate"
+    INSTANCE_REJECT = "instance.reject"
+    INSTANCE_QUARANTINE = "instance.quarantine"
+    QUARANTINE_LIST = "quarantine.list"
+    QUARANTINE_RELEASE = "quarantine.release"
+    QUARANTINE_REJECT = "quarantine.reject"
+    INGEST_POLICY_UPDATE = "ingest_policy.update"
+    PHI_SWEEP = "phi.sweep"
 
 
 class Outcome(StrEnum):
@@ -56,4 +66,5 @@ class ActorType(StrEnum):
     USER = "user"
     DEVICE = "device"
     SYSTEM = "system"
+    DICOM_NODE = "dicom_node"  # a modality or PACS sending over DIMSE, by its dicom_nodes id
     ANONYMOUS = "anonymous"

@@ -44,6 +44,8 @@ class Receipt:
     what it sent). The UIDs are the de-identified ones phivault stores and answers with;
     for a quarantined instance they are the UIDs it will have once released.
     ``instance_id`` is the index row (stored, duplicate) or the quarantine entry.
+    ``received_sop_instance_uid`` is the SOP Instance UID as the sender sent it (for its own
+    bookkeeping, e.g. the Referenced SOP Sequence of a STOW-RS response).
     """
 
     status: ReceiptStatus
@@ -51,6 +53,7 @@ class Receipt:
     sha256: str
     size: int
     sop_class_uid: str
+    received_sop_instance_uid: str
     sop_instance_uid: str
     series_instance_uid: str
     study_instance_uid: str
