@@ -31,6 +31,7 @@ from phivault.crypto.service import KeyHierarchy
 from phivault.db.engine import Database
 from phivault.db.jobs import JobContext, JobRegistry, Worker
 from phivault.db.migrate import upgrade_all
+from phivault.exams.ingest import IngestService
 from phivault.storage.base import ObjectStore
 from phivault.storage.factory import open_object_store
 
@@ -56,6 +57,11 @@ class Runtime:
     def keys(self) -> KeyHierarchy:
         """The key hierarchy: object and field encryption, patient keys, shredding."""
         return KeyHierarchy(self.keyring, self.clock, alarm_db=self.db)
+
+    @cached_property
+    def ingest(self) -> IngestService:
+        """The one ingest pipeline (STOW-RS, C-STORE, device uploads)."""
+        return IngestService(self.settings, self.db, self.phi_db, self.store, self.keys, self.clock)
 
     def new_worker(self, name: str | None = None) -> Worker:
         return Worker(

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     # STOW-RS failure reason A700; ultrasound top banner blanked by the default pixel rule.
     dicom_max_instance_bytes: int = Field(default=1_073_741_824, ge=1024)
     dicom_us_banner_rows: int = Field(default=60, ge=0, le=4096)
+    # Ingest (docs/ingest.md): storage quotas (0 = none; institutions may set their own),
+    # and the sweeper that removes what a crash between writes left unreferenced.
+    ingest_device_quota_bytes: int = Field(default=2 * 1024**3, ge=0)
+    ingest_institution_quota_bytes: int = Field(default=0, ge=0)
+    ingest_orphan_grace_seconds: int = Field(default=3600, ge=0)
+    ingest_sweep_interval_seconds: int = Field(default=3600, ge=60)
     admin_allow_cidrs: Annotated[tuple[IPNetwork, ...], NoDecode] = (
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("::1/128"),

@@ -44,6 +44,9 @@ class RejectionCode(StrEnum):
     UNSUPPORTED_SOP_CLASS = "dicom_unsupported_sop_class"
     UNSUPPORTED_TRANSFER_SYNTAX = "dicom_unsupported_transfer_syntax"
     TOO_LARGE = "dicom_too_large"
+    # The study is already stored for another patient of the institution (PS3.3 C.7.2.1:
+    # a study belongs to one patient): refused rather than mixing two patients' data.
+    STUDY_PATIENT_CONFLICT = "dicom_study_patient_conflict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,9 @@ STATUS_OF: dict[RejectionCode, _Mapping] = {
     ),
     RejectionCode.TOO_LARGE: _Mapping(
         DimseStatus.REFUSED_OUT_OF_RESOURCES, StowFailureReason.OUT_OF_RESOURCES
+    ),
+    RejectionCode.STUDY_PATIENT_CONFLICT: _Mapping(
+        DimseStatus.PROCESSING_FAILURE, StowFailureReason.PROCESSING_FAILURE
     ),
 }
 

@@ -25,3 +25,7 @@ class InvalidRequest(Exception):
         super().__init__(detail)
         self.code = code
         self.detail = detail
+
+
+class QuarantineResolved(Exception):
+    """The quarantine entry was released or rejected meanwhile (409)."""

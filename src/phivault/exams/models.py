@@ -108,8 +108,8 @@ class Instance(Base):
         UniqueConstraint("institution_id", "sop_instance_uid"),
         Index("ix_instances_series", "series_id"),
         Index("ix_instances_study", "study_id"),
-        Index("ix_instances_institution_size", "institution_id", "size"),
-        Index("ix_instances_device_size", "device_id", "size"),
+        Index("ix_instances_institution_size", "institution_id", "received_size"),
+        Index("ix_instances_device_size", "device_id", "received_size"),
     )
 
 

@@ -215,8 +215,10 @@ def upgrade() -> None:
         sa.UniqueConstraint("object_key", name=op.f("uq_instances_object_key")),
     )
     with op.batch_alter_table("instances", schema=None) as batch_op:
-        batch_op.create_index("ix_instances_device_size", ["device_id", "size"], unique=False)
-        batch_op.create_index("ix_instances_institution_size", ["institution_id", "size"], unique=False)
+        batch_op.create_index("ix_instances_device_size", ["device_id", "received_size"], unique=False)
+        batch_op.create_index(
+            "ix_instances_institution_size", ["institution_id", "received_size"], unique=False
+        )
         batch_op.create_index("ix_instances_series", ["series_id"], unique=False)
         batch_op.create_index("ix_instances_study", ["study_id"], unique=False)
 
