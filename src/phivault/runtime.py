@@ -32,6 +32,8 @@ from phivault.db.engine import Database
 from phivault.db.jobs import JobContext, JobRegistry, Worker
 from phivault.db.migrate import upgrade_all
 from phivault.exams.ingest import IngestService
+from phivault.exams.quarantine import Quarantine
+from phivault.exams.sweeper import SWEEP_JOB, Sweeper, ensure_scheduled, sweep_job_handler
 from phivault.storage.base import ObjectStore
 from phivault.storage.factory import open_object_store
 
@@ -62,6 +64,17 @@ class Runtime:
     def ingest(self) -> IngestService:
         """The one ingest pipeline (STOW-RS, C-STORE, device uploads)."""
         return IngestService(self.settings, self.db, self.phi_db, self.store, self.keys, self.clock)
+
+    @cached_property
+    def quarantine(self) -> Quarantine:
+        """Review of instances held back for burned-in text."""
+        return Quarantine(self.settings, self.db, self.store, self.keys, self.clock, self.ingest)
+
+    @cached_property
+    def sweeper(self) -> Sweeper:
+        """Removes what a crash between the ingest pipeline's writes left unreferenced."""
+        grace = timedelta(seconds=self.settings.ingest_orphan_grace_seconds)
+        return Sweeper(self.db, self.phi_db, self.store, self.keys, self.clock, grace)
 
     def new_worker(self, name: str | None = None) -> Worker:
         return Worker(
@@ -180,6 +193,10 @@ def _register_jobs(runtime: Runtime) -> None:
 
     runtime.jobs.register(SELFTEST_JOB, selftest)
     runtime.jobs.register(ROTATION_JOB, rotation_job_handler(runtime.keys))
+    runtime.jobs.register(
+        SWEEP_JOB,
+        sweep_job_handler(runtime.sweeper, timedelta(seconds=runtime.settings.ingest_sweep_interval_seconds)),
+    )
 
 
 def prepare_data_dir(settings: Settings) -> Path:
@@ -201,6 +218,7 @@ def initialise(runtime: Runtime) -> list[str]:
     created = ensure_dev_material(settings)
     runtime.store.prepare()
     upgrade_all(runtime.db, runtime.phi_db)
+    ensure_scheduled(runtime.db, runtime.clock.now())
     return created
 
 

@@ -169,7 +169,7 @@ class IngestService:
         self._clock = clock
         self.secrets = InstitutionSecrets(db, keys, clock)
         self.phi = PhiStore(phi_db, db, keys, clock)
-        self.policies = Policies(settings)
+        self.policies = Policies(settings, db, clock)
 
     # -- entry points -------------------------------------------------------------------
 
@@ -378,17 +378,24 @@ class IngestService:
                 self._index(session, work, deidentified, receipt, stored, series_id)
                 if released_from is not None:
                     self._mark_released(session, released_from, instance_id, origin.subject)
+                    self._record(
+                        session,
+                        origin,
+                        context,
+                        AuditAction.QUARANTINE_RELEASE,
+                        Target("quarantine", released_from),
+                    )
                 self._record(
                     session, origin, context, AuditAction.INSTANCE_INGEST, Target("instance", instance_id)
                 )
 
             committed = self._commit_index(write_index)
         except BaseException:
-            self._discard_object(stored.key)
+            self.discard_object(stored.key)
             raise
         if not committed:
             # The same instance was committed by a concurrent ingest: ours is a duplicate.
-            self._discard_object(stored.key)
+            self.discard_object(stored.key)
             self._audit(origin, context, AuditAction.INSTANCE_DUPLICATE, Target("instance", instance_id))
             return dataclasses.replace(receipt, status=ReceiptStatus.DUPLICATE)
         return receipt
@@ -553,7 +560,7 @@ class IngestService:
                     Target("quarantine", quarantine_id),
                 )
         except BaseException:
-            self._discard_object(stored.key)
+            self.discard_object(stored.key)
             raise
         return Receipt(
             status=ReceiptStatus.QUARANTINED,
@@ -624,7 +631,7 @@ class IngestService:
                 institution_id=origin.institution_id,
             )
 
-    def _discard_object(self, key: str) -> None:
+    def discard_object(self, key: str) -> None:
         """Delete an object no row references (best effort: the sweeper is the backstop)."""
         try:
             self._store.delete(key)

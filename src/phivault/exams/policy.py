@@ -11,10 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from phivault.accounts.errors import Forbidden
+from phivault.accounts.permissions import Permission
+from phivault.accounts.principal import Principal
+from phivault.audit.actions import AuditAction, Outcome
+from phivault.audit.service import NO_CONTEXT, RequestContext, Target, record
+from phivault.clock import Clock
 from phivault.config.settings import Settings
+from phivault.db.engine import Database
 from phivault.dicom.deid import DeidOptions, PrivateTag
 from phivault.dicom.pixels import PixelRule, Region, default_rules
-from phivault.exams.errors import InvalidRequest, QuotaExceeded
+from phivault.exams.errors import InvalidRequest, NotFound, QuotaExceeded
 from phivault.exams.models import DeviceQuota, IngestPolicy, Instance, QuarantinedInstance, QuarantineStatus
 
 _UNLIMITED = 0
@@ -124,8 +131,91 @@ def parse_rule(data: dict[str, Any]) -> PixelRule:
 
 
 class Policies:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, db: Database, clock: Clock) -> None:
         self._settings = settings
+        self._db = db
+        self._clock = clock
+
+    # -- what institution admins configure -------------------------------------------------
+
+    def get(self, principal: Principal) -> PolicyModel:
+        institution_id = _configurable(principal, Permission.INSTITUTION_CONFIGURE)
+        with self._db.transaction() as session:
+            return policy_model(session.get(IngestPolicy, institution_id))
+
+    def update(
+        self, principal: Principal, model: PolicyModel, *, context: RequestContext = NO_CONTEXT
+    ) -> PolicyModel:
+        institution_id = _configurable(principal, Permission.INSTITUTION_CONFIGURE)
+        for tag in model.private_allow_list:
+            tag.to_tag()  # odd groups only
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            row = session.get(IngestPolicy, institution_id, with_for_update=True)
+            if row is None:
+                row = IngestPolicy(institution_id=institution_id, updated_at=now)
+                session.add(row)
+            row.retain_modified_dates = model.retain_modified_dates
+            row.retain_device_identity = model.retain_device_identity
+            row.retain_patient_characteristics = model.retain_patient_characteristics
+            row.clean_descriptors = model.clean_descriptors
+            row.private_allow_list = [tag.model_dump() for tag in model.private_allow_list]
+            row.pixel_rules = [rule.model_dump() for rule in model.pixel_rules]
+            row.institution_quota_bytes = model.institution_quota_bytes
+            row.device_quota_bytes = model.device_quota_bytes
+            row.updated_at = now
+            record(
+                session,
+                AuditAction.INGEST_POLICY_UPDATE,
+                principal,
+                Target("institution", institution_id),
+                Outcome.SUCCESS,
+                now=now,
+                context=context,
+            )
+            return policy_model(row)
+
+    def set_device_quota(
+        self,
+        principal: Principal,
+        device_id: str,
+        quota_bytes: int | None,
+        *,
+        context: RequestContext = NO_CONTEXT,
+    ) -> None:
+        """Give one device of the admin's institution its own quota (None: the default again)."""
+        institution_id = _configurable(principal, Permission.DEVICE_MANAGE)
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            row = session.get(DeviceQuota, device_id, with_for_update=True)
+            if row is not None and row.institution_id != institution_id:
+                raise NotFound
+            if quota_bytes is None:
+                if row is not None:
+                    session.delete(row)
+            elif row is None:
+                session.add(
+                    DeviceQuota(
+                        device_id=device_id,
+                        institution_id=institution_id,
+                        quota_bytes=quota_bytes,
+                        updated_at=now,
+                    )
+                )
+            else:
+                row.quota_bytes = quota_bytes
+                row.updated_at = now
+            record(
+                session,
+                AuditAction.INGEST_POLICY_UPDATE,
+                principal,
+                Target("device", device_id),
+                Outcome.SUCCESS,
+                now=now,
+                context=context,
+            )
+
+    # -- what the pipeline applies ----------------------------------------------------------
 
     def load(self, session: Session, institution_id: str) -> Policy:
         model = policy_model(session.get(IngestPolicy, institution_id))
@@ -172,6 +262,14 @@ class Policies:
             )
             if used + incoming > policy.institution_quota:
                 raise QuotaExceeded("institution", policy.institution_quota, used, incoming)
+
+
+def _configurable(principal: Principal, permission: Permission) -> str:
+    if not principal.has(permission):
+        raise Forbidden
+    if principal.institution_id is None:
+        raise NotFound
+    return principal.institution_id
 
 
 def _or_default(value: int | None, default: int) -> int:

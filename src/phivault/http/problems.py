@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phivault.accounts.errors import AccountsError
 from phivault.crypto.errors import KeyIntegrityError, KeyNotFound, KeyShredded, ObjectIntegrityError
+from phivault.dicom.errors import DicomRejected
+from phivault.exams.errors import InvalidRequest, NotFound, QuarantineResolved, QuotaExceeded
 from phivault.storage.errors import ObjectNotFound, StorageFull, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,42 @@ async def _on_accounts_error(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(problem)
 
 
+async def _on_quota(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QuotaExceeded)  # noqa: S101  # nosec B101  # registered for it only
+    return problem_response(
+        Problem(
+            413,
+            "quota_exceeded",
+            f"the {exc.scope} storage quota of {exc.limit} bytes would be exceeded",
+            quota=exc.scope,
+            limit=exc.limit,
+            used=exc.used,
+        )
+    )
+
+
+async def _on_exams_not_found(_request: Request, _exc: Exception) -> JSONResponse:
+    return problem_response(Problem(404, "not_found"))
+
+
+async def _on_invalid_request(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidRequest)  # noqa: S101  # nosec B101  # registered for it only
+    return problem_response(Problem(400, exc.code, exc.detail))
+
+
+async def _on_quarantine_resolved(_request: Request, _exc: Exception) -> JSONResponse:
+    return problem_response(
+        Problem(409, "quarantine_resolved", "the instance was released or rejected meanwhile")
+    )
+
+
+async def _on_dicom_rejected(_request: Request, exc: Exception) -> JSONResponse:
+    # One instance refused where the API carries one (an upload's finalize); STOW-RS answers
+    # per instance in its response dataset instead. The reason names a rule, never a value.
+    assert isinstance(exc, DicomRejected)  # noqa: S101  # nosec B101  # registered for it only
+    return problem_response(Problem(422, exc.code.value, exc.reason))
+
+
 async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # Logged by type only: exception messages can quote data.
     log.error("unhandled %s", type(exc).__name__)
@@ -181,6 +219,11 @@ _HANDLERS: tuple[tuple[type[Exception], ExceptionHandler], ...] = (
     (KeyIntegrityError, _on_integrity_failure),
     (KeyNotFound, _on_key_missing),
     (AccountsError, _on_accounts_error),
+    (QuotaExceeded, _on_quota),
+    (NotFound, _on_exams_not_found),
+    (InvalidRequest, _on_invalid_request),
+    (QuarantineResolved, _on_quarantine_resolved),
+    (DicomRejected, _on_dicom_rejected),
     (Exception, _on_unexpected),
 )
 

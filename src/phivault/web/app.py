@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from phivault import __version__
 from phivault.accounts import api as accounts_api
 from phivault.audit import api as audit_api
+from phivault.exams import ingest_api
 from phivault.http.deps import Public, document_access
 from phivault.http.problems import document_problems, install_problem_handlers
 from phivault.runtime import Runtime
@@ -67,6 +68,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(health.router)
     app.include_router(audit_api.router)
     app.include_router(accounts_api.router)
+    app.include_router(ingest_api.router)
     _mount_docs(app)
     _document_problems(app)
     return app
