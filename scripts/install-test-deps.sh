@@ -9,6 +9,9 @@ need=()
 [ -f /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
 command -v rsyslogd >/dev/null || need+=(rsyslog)
 [ -f /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || need+=(rsyslog-gnutls)
+# Orthanc: the reference DICOM server (PACS export target, benchmark comparison).
+command -v Orthanc >/dev/null || need+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
