@@ -396,6 +396,47 @@ def audit_export(  # noqa: PLR0913, PLR0917  # one option per filter
         runtime.close()
 
 
+ingest_app = typer.Typer(help="Operate the ingest pipeline.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+
+@ingest_app.command("sweep")
+def ingest_sweep(
+    grace_seconds: Annotated[
+        int | None,
+        typer.Option(
+            "--grace-seconds",
+            min=0,
+            help="Remove what is older than this (default: PHIVAULT_INGEST_ORPHAN_GRACE_SECONDS). "
+            "0 only when no ingest is running, e.g. after a crash with every server stopped.",
+        ),
+    ] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Remove objects and PHI rows an interrupted ingest left unreferenced.
+
+    The worker does this every PHIVAULT_INGEST_SWEEP_INTERVAL_SECONDS.
+    """
+    runtime = _runtime()
+    try:
+        grace = None if grace_seconds is None else timedelta(seconds=grace_seconds)
+        report = runtime.sweeper.sweep(grace)
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the databases (run phivault init?): {type(exc).__name__}")
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps(asdict(report)))
+    else:
+        out.print(
+            f"objects deleted: {report.objects_deleted}, noted for a later sweep: {report.objects_noted}; "
+            f"PHI rows deleted: {report.phi_instances_deleted} instances, "
+            f"{report.phi_studies_deleted} studies, {report.phi_patients_deleted} patients",
+            markup=False,
+            highlight=False,
+        )
+
+
 keys_app = typer.Typer(help="Show and rotate the encryption keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
