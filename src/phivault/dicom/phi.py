@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Final
 
 from pydicom.dataset import Dataset
@@ -33,6 +35,8 @@ _NAMED: Final[dict[int, str]] = {
     0x00081040: "institutional_department_name",
     0x00081010: "station_name",
 }
+PHI_FIELD_TAGS: Final[Mapping[str, int]] = MappingProxyType({field: tag for tag, field in _NAMED.items()})
+"""The tag of each named ``PhiRecord`` field (re-identification puts values back by it)."""
 _NO_OPTIONS: Final = DeidOptions()
 # Source, Sending and Receiving Application Entity Title (PS3.10 §7.1).
 _FILE_META_AE_TITLES: Final = (0x00020016, 0x00020017, 0x00020018)

@@ -57,6 +57,7 @@ from phivault.exams.models import (
     Series,
     Study,
 )
+from phivault.exams.name_index import patient_tokens
 from phivault.exams.phi_store import OriginalUids, PatientRef, PhiStore, patient_index
 from phivault.exams.policy import Policies
 from phivault.exams.secrets import IngestSecret, InstitutionSecrets
@@ -231,7 +232,10 @@ class IngestService:
         dataset = validated.dataset
         phi = extract_phi(dataset)
         patient = self.phi.find_or_create_patient(
-            institution_id, patient_index(secret, phi, validated.study_instance_uid), phi
+            institution_id,
+            patient_index(secret, phi, validated.study_instance_uid),
+            phi,
+            tokens=patient_tokens(secret, patient_name=phi.patient_name, patient_id=phi.patient_id),
         )
         self._check_study_patient(institution_id, uids.study, patient)
         work = _Work(validated, received, origin, context, patient, secret, uids, phi)

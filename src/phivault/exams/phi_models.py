@@ -19,6 +19,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from phivault.db.models import PhiBase
 
 BLIND_INDEX_LENGTH = 64  # hex SHA-256
+TOKEN_LENGTH = 32  # hex, a truncated HMAC-SHA256 (name_index.TOKEN_LENGTH)
 
 
 class PhiPatient(PhiBase):
@@ -82,3 +83,20 @@ class PhiInstance(PhiBase):
         Index("ix_phi_instances_patient", "patient_id"),
         Index("ix_phi_instances_created", "created_at"),
     )
+
+
+class PhiPatientToken(PhiBase):
+    """One blind-index token of a patient's name or PatientID (``name_index``): HMACs keyed
+    by the institution's secret, so QIDO-RS finds patients without decrypting them.
+    """
+
+    __tablename__ = "phi_patient_tokens"
+
+    institution_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    token: Mapped[str] = mapped_column(String(TOKEN_LENGTH), primary_key=True)
+    # Cascade: whoever deletes a patient (the sweeper, exam deletion) deletes its tokens.
+    patient_id: Mapped[str] = mapped_column(
+        ForeignKey("phi_patients.id", ondelete="CASCADE"), primary_key=True
+    )
+
+    __table_args__ = (Index("ix_phi_patient_tokens_patient", "patient_id"),)

@@ -9,6 +9,7 @@ sealing and opening need a main-database session; rows live in the PHI database.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -21,7 +22,7 @@ from phivault.clock import Clock
 from phivault.crypto.service import KeyHierarchy
 from phivault.db.engine import Database
 from phivault.dicom.phi import PhiRecord
-from phivault.exams.phi_models import PhiInstance, PhiPatient, PhiStudy
+from phivault.exams.phi_models import PhiInstance, PhiPatient, PhiPatientToken, PhiStudy
 from phivault.exams.secrets import IngestSecret
 from phivault.ids import new_id
 
@@ -76,12 +77,15 @@ class PhiStore:
             ).one_or_none()
         return None if row is None else PatientRef(row.id, row.patient_key_id)
 
-    def find_or_create_patient(self, institution_id: str, index: str, phi: PhiRecord) -> PatientRef:
+    def find_or_create_patient(
+        self, institution_id: str, index: str, phi: PhiRecord, *, tokens: Iterable[str] = ()
+    ) -> PatientRef:
         """The institution's patient with blind index ``index``, created on first sight.
 
         A new patient gets a new key (main database, committed first: a key without a
-        patient holds nothing), then its row (PHI database). Two ingests racing to create
-        the same patient: the unique blind index lets one win; the other uses the winner.
+        patient holds nothing), then its row (PHI database) with its name and PatientID
+        ``tokens`` (``name_index.patient_tokens``). Two ingests racing to create the same
+        patient: the unique blind index lets one win; the other uses the winner.
         """
         found = self.find_patient(institution_id, index)
         if found is not None:
@@ -108,6 +112,11 @@ class PhiStore:
                         updated_at=now,
                         **sealed,
                     )
+                )
+                phi_session.flush()  # the patient row before the rows that reference it
+                phi_session.add_all(
+                    PhiPatientToken(institution_id=institution_id, token=token, patient_id=patient_id)
+                    for token in sorted(set(tokens))
                 )
         except IntegrityError:
             found = self.find_patient(institution_id, index)
