@@ -12,6 +12,8 @@ command -v rsyslogd >/dev/null || need+=(rsyslog)
 # Orthanc: the reference DICOM server (PACS export target, benchmark comparison).
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+# DCMTK: storescu as the modality that sends to phivault's C-STORE SCP.
+command -v storescu >/dev/null || need+=(dcmtk)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

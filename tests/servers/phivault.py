@@ -28,10 +28,16 @@ def phivault_env(data_dir: Path, **settings: str) -> dict[str, str]:
 
 class PhivaultServer:
     def __init__(
-        self, data_dir: Path, *, port: int | None = None, env: Mapping[str, str] | None = None
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        dicom_port: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.dicom_port = dicom_port or free_port()  # the C-STORE SCP's; never the shared 11112
         self.env = dict(env) if env is not None else phivault_env(data_dir)
         self.log = data_dir.parent / f"serve-{self.port}.log"
         register_log_file(self.log)
@@ -48,7 +54,7 @@ class PhivaultServer:
     def start(self, timeout: float = 60) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [PHIVAULT, "serve", "--port", str(self.port)],
+                [PHIVAULT, "serve", "--port", str(self.port), "--dicom-port", str(self.dicom_port)],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -105,3 +105,37 @@ class DicomRejected(Exception):
 
     def __reduce__(self) -> tuple[type[DicomRejected], tuple[RejectionCode, str]]:
         return (DicomRejected, (self.code, self.reason))
+
+
+class DicomNodeError(Exception):
+    """A DICOM node change that cannot be carried out: the problem ``status`` and ``code``."""
+
+    status: int = 400
+    code: str = "bad_request"
+    message: str = "the request cannot be carried out"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail or self.message)
+        self.detail = detail or self.message
+
+
+class DicomNodeNotFound(DicomNodeError):
+    # Also the answer for another institution's node: its existence is not revealed.
+    status, code, message = 404, "not_found", "no such DICOM node"
+
+
+class AeTitleTaken(DicomNodeError):
+    # AE titles are unique across the deployment: the SCP maps a calling AE title to one node.
+    status, code, message = 409, "ae_title_taken", "another DICOM node has this AE title"
+
+
+class InvalidAeTitle(DicomNodeError):
+    status, code = 400, "invalid_ae_title"
+
+
+class InvalidDicomNode(DicomNodeError):
+    status, code = 400, "invalid_dicom_node"
+
+
+class DicomNodeForbidden(DicomNodeError):
+    status, code, message = 403, "forbidden", "your role does not allow this"
