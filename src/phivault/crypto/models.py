@@ -45,6 +45,7 @@ class PurgeReason(StrEnum):
     RETENTION_EXPIRED = "retention_expired"
     INSTITUTION_OFFBOARDED = "institution_offboarded"
     ADMINISTRATIVE = "administrative"
+    TRANSIENT = "transient"  # a short-lived key whose data was consumed (an upload's chunks)
 
 
 class InstitutionKey(Base):

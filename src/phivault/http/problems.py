@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phivault.accounts.errors import AccountsError
 from phivault.crypto.errors import KeyIntegrityError, KeyNotFound, KeyShredded, ObjectIntegrityError
+from phivault.devices.errors import DevicesError
 from phivault.dicom.errors import DicomRejected
 from phivault.exams.errors import InvalidRequest, NotFound, QuarantineResolved, QuotaExceeded
 from phivault.storage.errors import ObjectNotFound, StorageFull, StorageUnavailable
@@ -68,10 +69,18 @@ class Problem(Exception):
         self.extensions = extensions
 
 
+# Statuses of protocols phivault speaks that the IANA registry does not list.
+_EXTRA_TITLES = {460: "Checksum Mismatch"}  # tus 1.0 checksum extension
+
+
+def _title(status: int) -> str:
+    return _EXTRA_TITLES.get(status) or HTTPStatus(status).phrase
+
+
 def problem_response(problem: Problem) -> JSONResponse:
     body: dict[str, Any] = {
         "type": "about:blank",
-        "title": HTTPStatus(problem.status).phrase,
+        "title": _title(problem.status),
         "status": problem.status,
         "code": problem.code,
     }
@@ -197,6 +206,12 @@ async def _on_dicom_rejected(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(Problem(422, exc.code.value, exc.reason))
 
 
+async def _on_devices_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DevicesError)  # noqa: S101  # nosec B101  # registered for it only
+    problem = Problem(exc.status, exc.code, exc.detail, headers=dict(exc.headers), **exc.extensions)
+    return problem_response(problem)
+
+
 async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # Logged by type only: exception messages can quote data.
     log.error("unhandled %s", type(exc).__name__)
@@ -219,6 +234,7 @@ _HANDLERS: tuple[tuple[type[Exception], ExceptionHandler], ...] = (
     (KeyIntegrityError, _on_integrity_failure),
     (KeyNotFound, _on_key_missing),
     (AccountsError, _on_accounts_error),
+    (DevicesError, _on_devices_error),
     (QuotaExceeded, _on_quota),
     (NotFound, _on_exams_not_found),
     (InvalidRequest, _on_invalid_request),

@@ -1,0 +1,1 @@
+"""Devices: activation codes, device keys, DPoP-bound tokens and resumable uploads."""

@@ -1,0 +1,306 @@
+"""Routes of devices: activation codes and device management (institution admins),
+activation and tokens (devices, by proof), and resumable uploads (devices).
+
+Uploads speak tus 1.0 (https://tus.io/protocols/resumable-upload): ``POST /api/v1/uploads``
+(creation), ``HEAD`` for the offset, ``PATCH`` chunks with ``Upload-Checksum`` (checksum
+extension, sha256), ``DELETE`` (termination), ``Upload-Expires`` (expiration); then
+phivault's ``POST …/finalize`` with the SHA-256 of the whole hands the file to ingest.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from email.utils import format_datetime
+from typing import Annotated
+
+import anyio.from_thread
+from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from phivault.accounts.permissions import Permission
+from phivault.accounts.principal import Principal
+from phivault.devices.errors import (
+    ChecksumRequired,
+    ChunkLengthInvalid,
+    InvalidInput,
+    TusVersionUnsupported,
+    UnsupportedMediaType,
+)
+from phivault.devices.schemas import (
+    ActivateRequest,
+    CodeCreateRequest,
+    CodeOut,
+    DeviceOut,
+    DevicesResponse,
+    DeviceTokenResponse,
+    FinalizeRequest,
+    ReceiptOut,
+    UploadOut,
+)
+from phivault.devices.uploads import TUS_VERSION, UploadInfo, decode_checksum
+from phivault.http.deps import DevicePrincipal, Public, RequestContextDep, RuntimeDep, proof_target, require
+
+router = APIRouter(prefix="/api/v1", tags=["devices"])
+
+DeviceId = Annotated[str, Path(min_length=1, max_length=64)]
+UploadId = Annotated[str, Path(min_length=1, max_length=64)]
+DeviceManager = Annotated[Principal, Depends(require(Permission.DEVICE_MANAGE))]
+CHUNK_MEDIA_TYPE = "application/offset+octet-stream"
+_READ_AHEAD = 1 << 20
+_MAX_HEADER_NUMBER = 20  # digits: more than any file
+
+
+# -- management (institution admins) ---------------------------------------------------
+
+
+@router.post("/devices/codes", response_model=CodeOut, status_code=status.HTTP_201_CREATED)
+def create_code(
+    body: CodeCreateRequest, principal: DeviceManager, runtime: RuntimeDep, context: RequestContextDep
+) -> CodeOut:
+    """A single-use activation code for a device of your institution (shown once)."""
+    return CodeOut.of(runtime.devices.create_code(principal, principal.institution_id, body.serial, context))
+
+
+@router.get("/devices", response_model=DevicesResponse)
+def list_devices(principal: DeviceManager, runtime: RuntimeDep) -> DevicesResponse:
+    """Your institution's devices, revoked ones included."""
+    return DevicesResponse(devices=[DeviceOut.of(d) for d in runtime.devices.list_devices(principal)])
+
+
+@router.get("/devices/{device_id}", response_model=DeviceOut)
+def get_device(device_id: DeviceId, principal: DeviceManager, runtime: RuntimeDep) -> DeviceOut:
+    return DeviceOut.of(runtime.devices.get_device(principal, device_id))
+
+
+@router.post("/devices/{device_id}/revoke", response_model=DeviceOut)
+def revoke_device(
+    device_id: DeviceId, principal: DeviceManager, runtime: RuntimeDep, context: RequestContextDep
+) -> DeviceOut:
+    """Revoke a device: its next request is refused (401 `device_revoked`)."""
+    return DeviceOut.of(runtime.devices.revoke(principal, device_id, context))
+
+
+# -- activation and tokens (the proof is the credential) --------------------------------
+
+
+@router.post("/devices/activate", response_model=DeviceTokenResponse, dependencies=[Public])
+def activate(
+    body: ActivateRequest, request: Request, runtime: RuntimeDep, context: RequestContextDep
+) -> JSONResponse:
+    """Activate a device with a code. Send a DPoP proof (RFC 9449) signed by the device's
+    new key: its `jwk` header is the public key registered. Answers the first token.
+    """
+    grant = runtime.devices.activate(
+        body.code,
+        request.headers.getlist("dpop"),
+        proof_target(request, runtime),
+        serial=body.serial,
+        tls_pin=body.tls_pin,
+        context=context,
+    )
+    return _token_answer(DeviceTokenResponse.of(grant), grant.nonce)
+
+
+@router.post("/devices/token", response_model=DeviceTokenResponse, dependencies=[Public])
+def device_token(request: Request, runtime: RuntimeDep, context: RequestContextDep) -> JSONResponse:
+    """A new access token for an activated device: send a DPoP proof signed by its key."""
+    grant = runtime.devices.issue_token(
+        request.headers.getlist("dpop"), proof_target(request, runtime), context
+    )
+    return _token_answer(DeviceTokenResponse.of(grant), grant.nonce)
+
+
+def _token_answer(body: DeviceTokenResponse, nonce: str) -> JSONResponse:
+    # RFC 6749 §5.1: token responses are not cached.
+    return JSONResponse(
+        body.model_dump(mode="json"),
+        headers={"Cache-Control": "no-store", "DPoP-Nonce": nonce},
+    )
+
+
+# -- uploads (devices) ------------------------------------------------------------------
+
+
+def _check_tus(version: str | None) -> None:
+    if version != TUS_VERSION:
+        raise TusVersionUnsupported
+
+
+def _number(value: str | None, name: str) -> int:
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > _MAX_HEADER_NUMBER:
+        raise InvalidInput(f"{name} must be a non-negative integer")
+    return int(value)
+
+
+def _client_ref(metadata: str | None) -> str | None:
+    """The ``client-ref`` pair of tus Upload-Metadata; other pairs are ignored on purpose
+    (a file name can be PHI, and none is needed).
+    """
+    for pair in (metadata or "").split(","):
+        key, _, value = pair.strip().partition(" ")
+        if key == "client-ref":
+            try:
+                return base64.b64decode(value.strip(), validate=True).decode("ascii")
+            except (binascii.Error, UnicodeDecodeError):
+                raise InvalidInput("Upload-Metadata client-ref is base64 of ASCII") from None
+    return None
+
+
+def _tus_headers(request: Request, upload: UploadInfo) -> dict[str, str]:
+    headers = {
+        "Tus-Resumable": TUS_VERSION,
+        "Upload-Offset": str(upload.offset),
+        "Upload-Length": str(upload.length),
+        "Upload-Expires": format_datetime(upload.expires_at, usegmt=True),
+        "Cache-Control": "no-store",
+    }
+    nonce = getattr(request.state, "dpop_nonce", None)
+    if nonce:
+        headers["DPoP-Nonce"] = nonce
+    return headers
+
+
+@router.post(
+    "/uploads",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UploadOut,
+    responses={200: {"description": "the unfinished upload with this client-ref already exists"}},
+)
+def create_upload(  # tus speaks in headers
+    request: Request,
+    principal: DevicePrincipal,
+    runtime: RuntimeDep,
+    context: RequestContextDep,
+    upload_length: Annotated[str | None, Header(description="the file's size in bytes")] = None,
+    upload_metadata: Annotated[str | None, Header(description="`client-ref <base64>` only")] = None,
+    tus_resumable: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Tus creation: open an upload of `Upload-Length` bytes. Refused before any data is
+    accepted if larger than an exam may be (413 `upload_too_large`) or over a storage quota
+    (413 `quota_exceeded`, naming the quota).
+    """
+    _check_tus(tus_resumable)
+    length = _number(upload_length, "Upload-Length")
+    info, created = runtime.uploads.create(
+        principal, length, client_ref=_client_ref(upload_metadata), context=context
+    )
+    headers = _tus_headers(request, info) | {"Location": f"/api/v1/uploads/{info.id}"}
+    code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return JSONResponse(UploadOut.of(info).model_dump(mode="json"), status_code=code, headers=headers)
+
+
+@router.head("/uploads/{upload_id}", status_code=status.HTTP_200_OK)
+def upload_offset(
+    upload_id: UploadId,
+    request: Request,
+    principal: DevicePrincipal,
+    runtime: RuntimeDep,
+    tus_resumable: Annotated[str | None, Header()] = None,
+) -> Response:
+    """tus: the server's offset, to resume from."""
+    _check_tus(tus_resumable)
+    info = runtime.uploads.get(principal, upload_id, resumable=True)
+    return Response(status_code=status.HTTP_200_OK, headers=_tus_headers(request, info))
+
+
+@router.get("/uploads/{upload_id}", response_model=UploadOut)
+def get_upload(upload_id: UploadId, principal: DevicePrincipal, runtime: RuntimeDep) -> UploadOut:
+    """The upload's state, with the receipt once finalized."""
+    return UploadOut.of(runtime.uploads.get(principal, upload_id))
+
+
+class _RequestBody:
+    """The request body as a blocking ``read`` for the worker thread the route runs in:
+    each refill hops to the event loop once and gathers about a megabyte.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self._chunks = request.stream().__aiter__()
+        self._buffer = bytearray()
+        self._done = False
+
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size and not self._done:
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+            except ClientDisconnect:
+                raise ChunkLengthInvalid("the connection closed before the chunk was complete") from None
+            else:
+                self._buffer += chunk
+
+    def read(self, size: int, /) -> bytes:
+        if len(self._buffer) < size and not self._done:
+            anyio.from_thread.run(self._fill, max(size, _READ_AHEAD))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+@router.patch("/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT)
+def upload_chunk(  # noqa: PLR0913  # tus speaks in headers
+    upload_id: UploadId,
+    request: Request,
+    principal: DevicePrincipal,
+    runtime: RuntimeDep,
+    *,
+    upload_offset: Annotated[str | None, Header()] = None,
+    upload_checksum: Annotated[
+        str | None, Header(description="`sha256 <base64 digest of the chunk>`")
+    ] = None,
+    content_length: Annotated[str | None, Header()] = None,
+    content_type: Annotated[str | None, Header()] = None,
+    tus_resumable: Annotated[str | None, Header()] = None,
+) -> Response:
+    """tus: append a chunk at `Upload-Offset` (the server's offset, else 409
+    `upload_offset_mismatch`). `Upload-Checksum: sha256 …` is required; a chunk that does
+    not match it is dropped (460 `chunk_checksum_mismatch`).
+    """
+    _check_tus(tus_resumable)
+    if (content_type or "").split(";")[0].strip().lower() != CHUNK_MEDIA_TYPE:
+        raise UnsupportedMediaType
+    offset = _number(upload_offset, "Upload-Offset")
+    if content_length is None:
+        raise ChunkLengthInvalid
+    length = _number(content_length, "Content-Length")
+    try:
+        checksum = decode_checksum(upload_checksum)
+    except (ValueError, binascii.Error):
+        raise InvalidInput("Upload-Checksum is `sha256 <base64 of 32 bytes>`") from None
+    if checksum is None:
+        raise ChecksumRequired
+    info = runtime.uploads.append(
+        principal, upload_id, offset=offset, length=length, checksum=checksum, body=_RequestBody(request)
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT, headers=_tus_headers(request, info))
+
+
+@router.post("/uploads/{upload_id}/finalize", response_model=ReceiptOut)
+def finalize_upload(
+    upload_id: UploadId,
+    body: FinalizeRequest,
+    principal: DevicePrincipal,
+    runtime: RuntimeDep,
+    context: RequestContextDep,
+) -> ReceiptOut:
+    """Check the SHA-256 of the whole file and ingest it; answers the receipt. Asking again
+    answers the same (the receipt, or the same refusal).
+    """
+    return ReceiptOut.of(runtime.uploads.finalize(principal, upload_id, body.sha256, context))
+
+
+@router.delete("/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT)
+def cancel_upload(
+    upload_id: UploadId,
+    principal: DevicePrincipal,
+    runtime: RuntimeDep,
+    context: RequestContextDep,
+    tus_resumable: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Tus termination: cancel the upload; its chunks are shredded and deleted."""
+    _check_tus(tus_resumable)
+    runtime.uploads.cancel(principal, upload_id, context)
+    return Response(status_code=status.HTTP_204_NO_CONTENT, headers={"Tus-Resumable": TUS_VERSION})
