@@ -40,7 +40,7 @@ from phivault.audit.actions import AuditAction, Outcome
 from phivault.audit.service import NO_CONTEXT, RequestContext, Subject, Target, record
 from phivault.clock import Clock
 from phivault.config.settings import Settings
-from phivault.crypto.service import EncryptedObject, KeyHierarchy, ObjectContext
+from phivault.crypto.service import EncryptedObject, KeyHierarchy, ObjectContext, PendingObject
 from phivault.db.engine import Database
 from phivault.dicom.deid import deidentify
 from phivault.dicom.errors import DicomRejected, RejectionCode
@@ -128,6 +128,13 @@ class _Work:
     phi: PhiRecord
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    pending: PendingObject
+    sealed_instance: bytes
+    sealed_study: bytes
+
+
 def _text(dataset: Dataset, keyword: str, limit: int = _SHORT) -> str:
     value = dataset.get(keyword)
     if value is None or value == "":
@@ -191,7 +198,6 @@ class IngestService:
         """
         try:
             received = receive(source, self.settings.dicom_max_instance_bytes)
-            self.check_quota(origin.institution_id, origin.device_id, received.size)
             validated = validate(received.stream, max_size=self.settings.dicom_max_instance_bytes)
             return self.store_validated(validated, received, origin, context=context)
         except DicomRejected as exc:
@@ -221,24 +227,36 @@ class IngestService:
             series=remap_uid(validated.series_instance_uid, secret.uid),
             sop=remap_uid(validated.sop_instance_uid, secret.uid),
         )
-        with self._db.transaction() as session:
-            earlier = self._earlier(session, institution_id, uids.sop, validated, received)
-            policy = self.policies.load(session, institution_id)
-        if earlier is not None and released_from is None:
-            self._audit(
-                origin, context, AuditAction.INSTANCE_DUPLICATE, Target("instance", earlier.instance_id)
-            )
-            return earlier
         dataset = validated.dataset
         phi = extract_phi(dataset)
+        # The patient first (PHI database; created with its key on first sight), so that one
+        # main-database transaction then checks quota, re-sends, policy and the study's owner
+        # and prepares the object key and the sealed PHI (fewer commits per instance).
         patient = self.phi.find_or_create_patient(
             institution_id,
             patient_index(secret, phi, validated.study_instance_uid),
             phi,
             tokens=patient_tokens(secret, patient_name=phi.patient_name, patient_id=phi.patient_id),
         )
-        self._check_study_patient(institution_id, uids.study, patient)
         work = _Work(validated, received, origin, context, patient, secret, uids, phi)
+        with self._db.transaction() as session:
+            earlier = self._earlier(session, institution_id, uids.sop, validated, received)
+            if earlier is None and released_from is None:  # quarantined bytes are counted already
+                self.policies.check_quota(session, institution_id, origin.device_id, received.size)
+            policy = self.policies.load(session, institution_id)
+            owner = session.scalar(
+                select(Study.patient_ref).where(
+                    Study.institution_id == institution_id, Study.study_instance_uid == uids.study
+                )
+            )
+            prepared = self._prepare(session, work) if earlier is None else None
+        if earlier is not None and released_from is None:
+            self._audit(
+                origin, context, AuditAction.INSTANCE_DUPLICATE, Target("instance", earlier.instance_id)
+            )
+            return earlier
+        if owner is not None and owner != patient.id:
+            raise DicomRejected(RejectionCode.STUDY_PATIENT_CONFLICT, "the study belongs to another patient")
         deidentified = deidentify(
             dataset, options=policy.options, institution_secret=secret.uid, pseudonym=patient.id
         )
@@ -250,7 +268,10 @@ class IngestService:
                     f"the instance still needs quarantine: {outcome.reason}",
                 )
             return self._quarantine(work, str(outcome.reason))
-        return self._store_instance(work, deidentified, released_from=released_from)
+        if prepared is None:  # released from quarantine, yet stored meanwhile: a duplicate
+            with self._db.transaction() as session:
+                prepared = self._prepare(session, work)
+        return self._store_instance(work, deidentified, prepared, released_from=released_from)
 
     # -- steps --------------------------------------------------------------------------
 
@@ -305,31 +326,17 @@ class IngestService:
             study_id=None,
         )
 
-    def _check_study_patient(self, institution_id: str, study_uid: str, patient: PatientRef) -> None:
-        with self._db.transaction() as session:
-            owner = session.scalar(
-                select(Study.patient_ref).where(
-                    Study.institution_id == institution_id, Study.study_instance_uid == study_uid
-                )
-            )
-        if owner is not None and owner != patient.id:
-            raise DicomRejected(RejectionCode.STUDY_PATIENT_CONFLICT, "the study belongs to another patient")
-
-    def _store_instance(self, work: _Work, deidentified: Dataset, *, released_from: str | None) -> Receipt:
-        validated, received, origin, context = work.validated, work.received, work.origin, work.context
-        patient, secret, uids, phi = work.patient, work.secret, work.uids, work.phi
-        institution_id = origin.institution_id
-        study_id = secret.derived_id("study", uids.study)
-        series_id = secret.derived_id("series", uids.series)
-        instance_id = secret.derived_id("instance", uids.sop)
+    def _prepare(self, session: Session, work: _Work) -> _Prepared:
+        """The new object's key and DEK, and the sealed PHI of the instance and its study."""
+        validated, patient, secret, uids, phi = work.validated, work.patient, work.secret, work.uids, work.phi
         original = validated.dataset
-        plaintext = _write(deidentified)
-        object_context = ObjectContext(institution_id, patient.patient_key_id, INSTANCE_KIND)
-        accession = phi.accession_number.strip()
-        study_date = _text(original, "StudyDate")
-        with self._db.transaction() as session:
-            pending = self._keys.prepare_object(session, object_context)
-            sealed_instance = self.phi.seal_instance(
+        study_id = secret.derived_id("study", uids.study)
+        instance_id = secret.derived_id("instance", uids.sop)
+        return _Prepared(
+            pending=self._keys.prepare_object(
+                session, ObjectContext(work.origin.institution_id, patient.patient_key_id, INSTANCE_KIND)
+            ),
+            sealed_instance=self.phi.seal_instance(
                 session,
                 patient,
                 instance_id,
@@ -337,30 +344,44 @@ class IngestService:
                 OriginalUids(
                     validated.study_instance_uid, validated.series_instance_uid, validated.sop_instance_uid
                 ),
-            )
-            sealed_study = self.phi.seal_study(
+            ),
+            sealed_study=self.phi.seal_study(
                 session,
                 patient,
                 study_id,
                 {
                     "accession_number": phi.accession_number,
                     "referring_physician_name": phi.referring_physician_name,
-                    "study_date": study_date,
+                    "study_date": _text(original, "StudyDate"),
                     "study_time": _text(original, "StudyTime"),
                     "study_description": _text(original, "StudyDescription"),
                     "study_id": _text(original, "StudyID"),
                     "study_instance_uid": validated.study_instance_uid,
                 },
-            )
-        stored = pending.write(self._store, plaintext)
+            ),
+        )
+
+    def _store_instance(
+        self, work: _Work, deidentified: Dataset, prepared: _Prepared, *, released_from: str | None
+    ) -> Receipt:
+        validated, received, origin, context = work.validated, work.received, work.origin, work.context
+        patient, secret, uids, phi = work.patient, work.secret, work.uids, work.phi
+        institution_id = origin.institution_id
+        study_id = secret.derived_id("study", uids.study)
+        series_id = secret.derived_id("series", uids.series)
+        instance_id = secret.derived_id("instance", uids.sop)
+        plaintext = _write(deidentified)
+        accession = phi.accession_number.strip()
+        study_date = _text(validated.dataset, "StudyDate")
+        stored = prepared.pending.write(self._store, plaintext)
         try:
             self.phi.put_instance(
                 institution_id=institution_id,
                 patient=patient,
                 study_id=study_id,
                 instance_id=instance_id,
-                sealed_instance=sealed_instance,
-                sealed_study=sealed_study,
+                sealed_instance=prepared.sealed_instance,
+                sealed_study=prepared.sealed_study,
                 accession_index=secret.blind("accession", accession) if accession else None,
                 study_date_index=secret.blind("study-date", study_date) if study_date else None,
                 now=self._clock.now(),
