@@ -42,7 +42,7 @@ def client(runtime: Runtime) -> Iterator[TestClient]:
 
 
 def _sign_in(client: TestClient, principal: Principal) -> None:
-    client.app.dependency_overrides[deps._current_principal] = lambda: principal  # type: ignore[attr-defined]
+    client.app.dependency_overrides[deps._authenticated_principal] = lambda: principal  # type: ignore[attr-defined]
 
 
 def _populate(runtime: Runtime) -> dict[str | None, list[str]]:

@@ -46,7 +46,7 @@ def client(runtime: Runtime) -> Iterator[TestClient]:
 
 
 def _sign_in(client: TestClient, principal: Principal) -> None:
-    client.app.dependency_overrides[deps._current_principal] = lambda: principal  # type: ignore[attr-defined]
+    client.app.dependency_overrides[deps._authenticated_principal] = lambda: principal  # type: ignore[attr-defined]
 
 
 def _origin(institution_id: str) -> IngestOrigin:
