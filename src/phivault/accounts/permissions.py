@@ -18,6 +18,9 @@ class Permission(StrEnum):
     EXAM_COMMENT = "exam:comment"
     EXAM_SHARE = "exam:share"
     EXAM_EXPORT = "exam:export"
+    EXAM_ARCHIVE = "exam:archive"  # hide from default lists, and back
+    EXAM_DELETE = "exam:delete"  # subject to retention and legal hold
+    EXAM_HOLD = "exam:hold"  # place and release a legal hold
     PHI_READ = "phi:read"
     AUDIT_READ = "audit:read"
     AUDIT_EXPORT = "audit:export"
@@ -52,8 +55,14 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = MappingProxyType(
                 Permission.AUDIT_EXPORT,
             }
         ),
+        # Institution admins manage the lifecycle of their institution's exams (archive,
+        # legal hold, deletion): they read them de-identified (exam:read without phi:read).
         Role.INSTITUTION_ADMIN: frozenset(
             {
+                Permission.EXAM_READ,
+                Permission.EXAM_ARCHIVE,
+                Permission.EXAM_DELETE,
+                Permission.EXAM_HOLD,
                 Permission.USER_MANAGE,
                 Permission.DEVICE_MANAGE,
                 Permission.INSTITUTION_CONFIGURE,
@@ -67,6 +76,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = MappingProxyType(
                 Permission.EXAM_COMMENT,
                 Permission.EXAM_SHARE,
                 Permission.EXAM_EXPORT,
+                Permission.EXAM_ARCHIVE,
                 Permission.PHI_READ,
             }
         ),

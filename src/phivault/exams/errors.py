@@ -29,3 +29,18 @@ class InvalidRequest(Exception):
 
 class QuarantineResolved(Exception):
     """The quarantine entry was released or rejected meanwhile (409)."""
+
+
+class ExamProtected(Exception):
+    """The exam may not be deleted now: it is under legal hold, or within its retention
+    period (409 problem with ``code`` ``legal_hold`` or ``retention_period``).
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class NotCommentAuthor(Exception):
+    """Only its author edits or deletes a comment (403 ``not_comment_author``)."""

@@ -52,12 +52,33 @@ class Study(Base):
     archived_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    # A legal hold keeps the exam whatever the retention setting says (exams/service.py).
+    legal_hold_at: Mapped[datetime | None] = mapped_column(default=None)
+    legal_hold_by: Mapped[str | None] = mapped_column(String(36), default=None)
 
     __table_args__ = (
         UniqueConstraint("institution_id", "study_instance_uid"),
         Index("ix_studies_institution_created", "institution_id", "created_at"),
         Index("ix_studies_institution_patient", "institution_id", "patient_ref"),
     )
+
+
+class ExamComment(Base):
+    """A clinician's comment on an exam. Free text may name the patient, so the body is
+    sealed under the patient's key (shredded with it) and shown only to PHI readers.
+    """
+
+    __tablename__ = "exam_comments"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    institution_id: Mapped[str] = mapped_column(ForeignKey("institutions.id"))
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"))
+    author_id: Mapped[str] = mapped_column(String(36))
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # KeyHierarchy.encrypt_field
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_exam_comments_study", "study_id", "created_at"),)
 
 
 class Series(Base):

@@ -7,11 +7,13 @@ from alembic.migration import MigrationContext
 from sqlalchemy import MetaData
 
 from phivault.db.engine import Database
-from phivault.db.models import PhiBase
+from phivault.db.models import Base, PhiBase
+from phivault.exams.models import ExamComment, Study
 from phivault.exams.phi_models import PhiPatientToken
 from phivault.runtime import Runtime
 
 PHI_TABLES = (PhiPatientToken.__tablename__,)
+MAIN_TABLES = (ExamComment.__tablename__, Study.__tablename__)
 
 
 def _differences(db: Database, metadata: MetaData, tables: tuple[str, ...]) -> list[str]:
@@ -26,3 +28,7 @@ def _differences(db: Database, metadata: MetaData, tables: tuple[str, ...]) -> l
 
 def test_phi_store_token_table_matches_its_model(runtime: Runtime) -> None:
     assert _differences(runtime.phi_db, PhiBase.metadata, PHI_TABLES) == []
+
+
+def test_comment_table_and_legal_hold_columns_match_their_models(runtime: Runtime) -> None:
+    assert _differences(runtime.db, Base.metadata, MAIN_TABLES) == []
