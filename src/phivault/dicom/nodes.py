@@ -22,6 +22,7 @@ from phivault.audit.actions import AuditAction, Outcome
 from phivault.audit.service import NO_CONTEXT, RequestContext, Target, record
 from phivault.clock import Clock
 from phivault.db.engine import Database
+from phivault.devices.models import Device
 from phivault.dicom.aetitle import ae_title_problem
 from phivault.dicom.errors import (
     AeTitleTaken,
@@ -109,6 +110,11 @@ class DicomNodes:
             with self._db.transaction() as session:
                 if session.get(Institution, scope) is None:
                     raise DicomNodeNotFound("no such institution")
+                if device_id is not None:
+                    device = session.get(Device, device_id)
+                    # Another institution's device is as unknown as a missing one.
+                    if device is None or device.institution_id != scope or device.revoked_at is not None:
+                        raise DicomNodeNotFound("no such active device in this institution")
                 session.add(row)
                 session.flush()
                 self._record(session, AuditAction.DICOM_NODE_CREATE, actor, row, context, now)

@@ -9,9 +9,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from factories.accounts import AccountsFactory, bearer, problem
+from factories.devices import activated_device
 from phivault.accounts.permissions import Role
 from phivault.audit.actions import AuditAction
 from phivault.audit.models import AuditRecord
+from phivault.devices.models import Device
 from phivault.runtime import Runtime
 
 NODES = "/api/v1/dicom/nodes"
@@ -77,3 +79,21 @@ def test_nodes_are_managed_by_admins_only(client: TestClient, factory: AccountsF
     token, _ = factory.session_for(factory.member(Role.CLINICIAN, institution))
     refused = client.post(NODES, json={"ae_title": "US1"}, headers=bearer(token))
     assert (refused.status_code, problem(refused)["code"]) == (403, "forbidden")
+
+
+def test_a_node_maps_to_an_active_device_of_the_admins_institution_only(
+    client: TestClient, factory: AccountsFactory, runtime: Runtime
+) -> None:
+    home, admin = _admin(factory)
+    away, _ = _admin(factory)
+    own, foreign = activated_device(runtime, home), activated_device(runtime, away)
+    created = client.post(NODES, json={"ae_title": "US_1", "device_id": own}, headers=admin)
+    assert (created.status_code, created.json()["device_id"]) == (201, own)
+    refused = client.post(NODES, json={"ae_title": "US_2", "device_id": foreign}, headers=admin)
+    assert (refused.status_code, problem(refused)["code"]) == (404, "not_found")
+    with runtime.db.transaction() as session:
+        device = session.get(Device, own)
+        assert device is not None
+        device.revoked_at = runtime.clock.now()
+    revoked = client.post(NODES, json={"ae_title": "US_3", "device_id": own}, headers=admin)
+    assert revoked.status_code == 404
