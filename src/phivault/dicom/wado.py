@@ -179,7 +179,7 @@ def _retrieve(
     choice = _dicom_choice(
         request, [i.transfer_syntax_uid for i in retrieval.instances], single=instance is not None
     )
-    etag = retrieval.etag
+    etag = retrieval.etag("dicom")
     if (unchanged := _not_modified(request, etag)) is not None:
         return unchanged
     if choice == "single":
@@ -247,7 +247,7 @@ def _metadata(
     retrieval = runtime.reading.retrieve(
         principal, study, series, instance, action=AuditAction.EXAM_VIEW, context=context
     )
-    etag = retrieval.etag
+    etag = retrieval.etag("metadata")
     if (unchanged := _not_modified(request, etag)) is not None:
         return unchanged
     answers = [reading.header().to_json_dict() for reading in runtime.reading.readings(retrieval)]

@@ -386,10 +386,11 @@ class Retrieval:
     instances: list[Instance]
     reidentified: bool
 
-    @property
-    def etag(self) -> str:
-        """A strong validator of the whole answer: its instances and who reads them."""
-        digest = hashlib.sha256(b"r" if self.reidentified else b"d")
+    def etag(self, representation: str) -> str:
+        """A strong validator of one representation (``dicom``, ``metadata`` …) of the whole
+        answer: its instances and whether they are re-identified.
+        """
+        digest = hashlib.sha256(f"{representation}/{'r' if self.reidentified else 'd'}/".encode())
         for instance in self.instances:
             digest.update(f"{instance.id}:{instance.sha256};".encode())
         return f'"{digest.hexdigest()[:32]}"'

@@ -118,6 +118,8 @@ def test_representations_and_conditional_requests(world: World) -> None:
     other_syntax = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
     assert world.client.get(world.url(), headers={**world.admin, "accept": other_syntax}).status_code == 406
     etag = single.headers["etag"]
+    metadata = world.client.get(world.url() + "/metadata", headers=world.admin)
+    assert metadata.headers["etag"] != etag, "one ETag per representation"
     again = world.client.get(world.url(), headers={**world.admin, "if-none-match": etag})
     assert (again.status_code, again.content) == (304, b"")
     assert world.client.get(world.url(), headers={**world.admin, "if-none-match": '"x"'}).status_code == 200
