@@ -26,6 +26,7 @@ class Permission(StrEnum):
     AUDIT_EXPORT = "audit:export"
     USER_MANAGE = "user:manage"
     DEVICE_MANAGE = "device:manage"
+    PACS_MANAGE = "pacs:manage"  # the institution's PACS destinations for export
     # an institution admin's own institution: password, session and MFA policy
     INSTITUTION_CONFIGURE = "institution:configure"
     # the platform's institutions: create, list (operators)
@@ -65,6 +66,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = MappingProxyType(
                 Permission.EXAM_HOLD,
                 Permission.USER_MANAGE,
                 Permission.DEVICE_MANAGE,
+                Permission.PACS_MANAGE,
                 Permission.INSTITUTION_CONFIGURE,
                 Permission.AUDIT_READ,
             }

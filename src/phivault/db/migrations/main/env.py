@@ -11,7 +11,8 @@ import phivault.accounts.models  # registers the accounts tables
 import phivault.audit.models  # registers the audit tables in Base.metadata
 import phivault.crypto.models  # the key hierarchy tables
 import phivault.devices.models  # devices, tokens, the DPoP replay cache, uploads
-import phivault.exams.models  # noqa: F401  # the exam index, quarantine, ingest policy
+import phivault.exams.models  # the exam index, quarantine, ingest policy
+import phivault.exams.outbound_models  # noqa: F401  # share links, PACS destinations, exports
 from phivault.db.models import Base, UTCDateTime
 
 
