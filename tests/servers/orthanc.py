@@ -18,7 +18,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -46,10 +46,12 @@ class OrthancServer:
     """Orthanc on free loopback ports; ``rest`` is an authenticated httpx client."""
 
     def __init__(self, *, ae_title: str = "ORTHANC", peers: dict[str, tuple[str, int]] | None = None) -> None:
-        binary = shutil.which(ORTHANC) or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+        installed = Path("/usr/sbin/Orthanc")
+        binary = shutil.which(ORTHANC) or (str(installed) if installed.exists() else None)
         plugin = _plugin()
         if binary is None or plugin is None:
-            raise OrthancUnavailable(f"Orthanc with its DICOMweb plugin missing (Debian packages {DEBIAN_PACKAGES})")
+            missing = f"Orthanc with its DICOMweb plugin missing (Debian packages {DEBIAN_PACKAGES})"
+            raise OrthancUnavailable(missing)
         self.binary = binary
         self.ae_title = ae_title
         self.http_port = free_port()
@@ -152,7 +154,7 @@ class OrthancServer:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> OrthancServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
