@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Final
+from typing import Any, Final
 
 from pydicom import dcmread
 from pydicom import uid as dicom_uid
@@ -41,7 +41,7 @@ from phivault.accounts.principal import Principal
 from phivault.audit.actions import AuditAction, Outcome
 from phivault.audit.service import RequestContext, Target, record
 from phivault.clock import Clock
-from phivault.crypto.service import KeyHierarchy, ObjectContext, OpenedObject
+from phivault.crypto.service import KeyHierarchy, ObjectContext, OpenedObject, SealedField
 from phivault.db.engine import Database
 from phivault.dicom.layout import PIXEL_DATA_TAG, InstanceLayout, read_frames, read_layout
 from phivault.dicom.phi import PhiRecord
@@ -91,6 +91,21 @@ class PatientPhi:
     sex: str
 
 
+@dataclass
+class PhiBatch:
+    """PHI opened by ``ExamReader.phi_of``, by patient pseudonym, study id and instance id."""
+
+    patients: dict[str, PatientPhi] = field(default_factory=dict)
+    studies: dict[str, StudyPhi] = field(default_factory=dict)
+    instances: dict[str, InstancePhi] = field(default_factory=dict)
+
+    def patient(self, patient_ref: str) -> PatientPhi:
+        return self.patients.get(patient_ref, PatientPhi("", "", "", "", ""))
+
+    def study(self, study_id: str) -> StudyPhi:
+        return self.studies.get(study_id, StudyPhi())
+
+
 @dataclass(frozen=True, slots=True)
 class StudyPhi:
     """The study's PHI as ingest sealed it (``PhiStudy.record``)."""
@@ -102,6 +117,30 @@ class StudyPhi:
     study_description: str = ""
     study_id: str = ""
     study_instance_uid: str = ""
+
+
+_PATIENT_COLUMNS: Final = ("patient_id", "issuer_of_patient_id", "patient_name", "birth_date", "sex")
+_ROW_BATCH: Final = 500
+
+
+def _rows(
+    phi_session: Session, model: type[PhiPatient | PhiStudy | PhiInstance], ids: list[str]
+) -> list[Any]:
+    found: list[Any] = []
+    for start in range(0, len(ids), _ROW_BATCH):
+        found.extend(phi_session.scalars(select(model).where(model.id.in_(ids[start : start + _ROW_BATCH]))))
+    return found
+
+
+def _instance_phi(document: dict[str, Any], sealed: bytes) -> InstancePhi:
+    uids = document["uids"]
+    return InstancePhi(
+        phi=_phi_record(dict(document["phi"])),
+        uids=OriginalUids(
+            str(uids["study_instance_uid"]), str(uids["series_instance_uid"]), str(uids["sop_instance_uid"])
+        ),
+        version=hashlib.sha256(sealed).hexdigest()[:16],
+    )
 
 
 def _phi_record(values: dict[str, object]) -> PhiRecord:
@@ -225,68 +264,98 @@ class ExamReader:
 
     # -- PHI ------------------------------------------------------------------------------
 
+    def phi_of(
+        self,
+        session: Session,
+        phi_session: Session,
+        studies: Sequence[Study],
+        instances: Sequence[tuple[Study, str]] = (),
+    ) -> PhiBatch:
+        """The PHI of several studies, their patients and some of their instances, opened
+        together: three PHI-store queries and one batch of decryptions (``decrypt_fields``
+        unwraps each patient key once), whatever the number of studies.
+        """
+        by_study = {study.id: study for study in studies}
+        owners = {instance_id: study for study, instance_id in instances}
+        institutions = {study.institution_id for study in studies}
+        # Rows of another institution are left out (ids come from scoped index rows anyway).
+        patient_rows = [
+            row
+            for row in _rows(phi_session, PhiPatient, sorted({s.patient_ref for s in studies}))
+            if row.institution_id in institutions
+        ]
+        study_rows = [
+            row
+            for row in _rows(phi_session, PhiStudy, sorted(by_study))
+            if row.institution_id == by_study[row.id].institution_id
+        ]
+        instance_rows = [
+            row
+            for row in _rows(phi_session, PhiInstance, sorted(owners))
+            if row.institution_id == owners[row.id].institution_id
+        ]
+        fields = [
+            SealedField(row.patient_key_id, getattr(row, column), field_aad("phi_patients", column, row.id))
+            for row in patient_rows
+            for column in _PATIENT_COLUMNS
+        ]
+        fields += [
+            SealedField(
+                by_study[row.id].patient_key_id, row.record, field_aad("phi_studies", "record", row.id)
+            )
+            for row in study_rows
+        ]
+        fields += [
+            SealedField(
+                owners[row.id].patient_key_id, row.record, field_aad("phi_instances", "record", row.id)
+            )
+            for row in instance_rows
+        ]
+        opened = iter(self.keys.decrypt_fields(session, fields))
+        batch = PhiBatch()
+        for row in patient_rows:
+            batch.patients[row.id] = PatientPhi(
+                **{column: next(opened).decode() for column in _PATIENT_COLUMNS}
+            )
+        known = StudyPhi.__dataclass_fields__
+        for row in study_rows:
+            values = json.loads(next(opened))
+            batch.studies[row.id] = StudyPhi(**{k: str(v) for k, v in values.items() if k in known})
+        for row in instance_rows:
+            batch.instances[row.id] = _instance_phi(json.loads(next(opened)), row.record)
+        return batch
+
     def instance_phi(
         self, session: Session, phi_session: Session, study: Study, instance_id: str
     ) -> InstancePhi:
-        row = phi_session.get(PhiInstance, instance_id)
-        if row is None or row.institution_id != study.institution_id:
+        found = self.phi_of(session, phi_session, [], [(study, instance_id)]).instances.get(instance_id)
+        if found is None:
             raise NotFound  # an index row without its PHI: the sweeper's business
-        document = json.loads(
-            self.keys.decrypt_field(
-                session,
-                study.patient_key_id,
-                row.record,
-                aad=field_aad("phi_instances", "record", instance_id),
-            )
-        )
-        uids = document["uids"]
-        return InstancePhi(
-            phi=_phi_record(dict(document["phi"])),
-            uids=OriginalUids(
-                str(uids["study_instance_uid"]),
-                str(uids["series_instance_uid"]),
-                str(uids["sop_instance_uid"]),
-            ),
-            version=hashlib.sha256(row.record).hexdigest()[:16],
-        )
+        return found
 
     def study_phi(self, session: Session, phi_session: Session, study: Study) -> StudyPhi:
-        row = phi_session.get(PhiStudy, study.id)
-        if row is None or row.institution_id != study.institution_id:
-            return StudyPhi()
-        values = json.loads(
-            self.keys.decrypt_field(
-                session, study.patient_key_id, row.record, aad=field_aad("phi_studies", "record", study.id)
-            )
-        )
-        known = StudyPhi.__dataclass_fields__
-        return StudyPhi(**{name: str(value) for name, value in values.items() if name in known})
+        return self.phi_of(session, phi_session, [study]).studies.get(study.id, StudyPhi())
 
-    def patient_phi(self, session: Session, phi_session: Session, patient_ref: str) -> PatientPhi:
-        values = self.phi.patient_values(session, phi_session, patient_ref)
-        known = PatientPhi.__dataclass_fields__
-        return PatientPhi(**{name: values.get(name, "") for name in known})
+    def patient_phi(self, session: Session, phi_session: Session, study: Study) -> PatientPhi:
+        return self.phi_of(session, phi_session, [study]).patient(study.patient_ref)
 
     def patient_names(
         self, session: Session, phi_session: Session, institution_id: str, patient_refs: Iterable[str]
     ) -> dict[str, str]:
         """Decrypted names of the given patients (the candidates of a name query only)."""
-        names: dict[str, str] = {}
-        refs = sorted(set(patient_refs))
-        for start in range(0, len(refs), 500):
-            rows = phi_session.scalars(
-                select(PhiPatient).where(
-                    PhiPatient.institution_id == institution_id, PhiPatient.id.in_(refs[start : start + 500])
-                )
+        rows = [
+            row
+            for row in _rows(phi_session, PhiPatient, sorted(set(patient_refs)))
+            if row.institution_id == institution_id
+        ]
+        fields = [
+            SealedField(
+                row.patient_key_id, row.patient_name, field_aad("phi_patients", "patient_name", row.id)
             )
-            for row in rows:
-                names[row.id] = self.keys.decrypt_field(
-                    session,
-                    row.patient_key_id,
-                    row.patient_name,
-                    aad=field_aad("phi_patients", "patient_name", row.id),
-                ).decode()
-        return names
+            for row in rows
+        ]
+        names = self.keys.decrypt_fields(session, fields)
+        return {row.id: name.decode() for row, name in zip(rows, names, strict=True)}
 
     # -- reading instances ----------------------------------------------------------------
 

@@ -44,13 +44,12 @@ from phivault.exams.name_index import (
     name_query,
     patient_id_token,
 )
-from phivault.exams.phi_models import PhiInstance, PhiPatient, PhiPatientToken, PhiStudy
+from phivault.exams.phi_models import PhiPatient, PhiPatientToken, PhiStudy
 from phivault.exams.phi_store import patient_index
 from phivault.exams.reading import (
     ExamReader,
     InstancePhi,
-    PatientPhi,
-    StudyPhi,
+    PhiBatch,
     may_read_phi,
     reading_institution,
 )
@@ -641,7 +640,7 @@ class Searcher:
         phi_ok: bool,
         base_url: str,
     ) -> list[Dataset]:
-        answers = _Answers(self.reader, session, phi_session, phi_ok=phi_ok)
+        answers = _Answers(self.reader, session, phi_session, rows, phi_ok=phi_ok)
         datasets = []
         with_study = query.level is QueryLevel.STUDY or query.study_uid is None
         for study, series, instance in rows:
@@ -651,12 +650,12 @@ class Searcher:
             if with_study:
                 answers.study(dataset, study)
             if series is not None:
-                series_uid = answers.series_uid(study, series)
+                series_uid = answers.series_uid(series)
                 series_url = f"{study_url}/series/{series_uid}"
-                answers.series(dataset, study, series)
+                answers.series(dataset, series)
                 if instance is not None:
-                    answers.instance(dataset, study, instance)
-                    sop = answers.instance_phi(study, instance)
+                    answers.instance(dataset, instance)
+                    sop = answers.instance_phi(instance)
                     sop_uid = sop.uids.sop_instance_uid if sop is not None else instance.sop_instance_uid
                     dataset.RetrieveURL = f"{series_url}/instances/{sop_uid}"
                 else:
@@ -697,34 +696,52 @@ def _too_broad() -> InvalidRequest:
 
 
 class _Answers:
-    """Builds answer data sets; decrypts PHI once per patient, study and instance."""
+    """Builds answer data sets from the index rows and, for PHI readers, their PHI: opened
+    up front for the whole page in one batch (``ExamReader.phi_of``).
+    """
 
-    def __init__(self, reader: ExamReader, session: Session, phi_session: Session, *, phi_ok: bool) -> None:
-        self.reader = reader
-        self.session = session
-        self.phi_session = phi_session
+    def __init__(
+        self,
+        reader: ExamReader,
+        session: Session,
+        phi_session: Session,
+        rows: list[tuple[Study, Series | None, Instance | None]],
+        *,
+        phi_ok: bool,
+    ) -> None:
         self.phi_ok = phi_ok
-        self._study_phi: dict[str, StudyPhi] = {}
-        self._patients: dict[str, PatientPhi] = {}
-        self._instances: dict[str, InstancePhi | None] = {}
-        self._series_docs: dict[str, InstancePhi | None] = {}
+        self._series_docs: dict[str, InstancePhi] = {}
+        self._phi = PhiBatch()
+        if not phi_ok or not rows:
+            return
+        studies = list({study.id: study for study, _, _ in rows}.values())
+        wanted: dict[str, tuple[Study, str]] = {}
+        for study, _, instance in rows:
+            if instance is not None:
+                wanted[instance.id] = (study, instance.id)
+        series_ids = sorted({series.id for _, series, _ in rows if series is not None})
+        first_instance: dict[str, str] = {}
+        if series_ids:
+            # One instance of each series names its original Series Instance UID.
+            found = session.execute(
+                select(Instance.series_id, func.min(Instance.id))
+                .where(Instance.series_id.in_(series_ids))
+                .group_by(Instance.series_id)
+            ).all()
+            first_instance = {str(series_id): str(instance_id) for series_id, instance_id in found}
+            by_series = {series.id: study for study, series, _ in rows if series is not None}
+            for series_id, instance_id in first_instance.items():
+                wanted.setdefault(instance_id, (by_series[series_id], instance_id))
+        self._phi = reader.phi_of(session, phi_session, studies, list(wanted.values()))
+        for series_id, instance_id in first_instance.items():
+            document = self._phi.instances.get(instance_id)
+            if document is not None:
+                self._series_docs[series_id] = document
 
     def study_uid(self, study: Study) -> str:
         if not self.phi_ok:
             return study.study_instance_uid
-        return self._study(study).study_instance_uid or study.study_instance_uid
-
-    def _study(self, study: Study) -> StudyPhi:
-        if study.id not in self._study_phi:
-            self._study_phi[study.id] = self.reader.study_phi(self.session, self.phi_session, study)
-        return self._study_phi[study.id]
-
-    def _patient(self, study: Study) -> PatientPhi:
-        if study.patient_ref not in self._patients:
-            self._patients[study.patient_ref] = self.reader.patient_phi(
-                self.session, self.phi_session, study.patient_ref
-            )
-        return self._patients[study.patient_ref]
+        return self._phi.study(study.id).study_instance_uid or study.study_instance_uid
 
     def study(self, dataset: Dataset, study: Study) -> None:
         dataset.InstanceAvailability = "ONLINE"
@@ -732,7 +749,7 @@ class _Answers:
         dataset.NumberOfStudyRelatedSeries = study.number_of_series
         dataset.NumberOfStudyRelatedInstances = study.number_of_instances
         if self.phi_ok:
-            view, patient = self._study(study), self._patient(study)
+            view, patient = self._phi.study(study.id), self._phi.patient(study.patient_ref)
             dataset.StudyDate = view.study_date or None
             dataset.StudyTime = view.study_time or None
             dataset.AccessionNumber = view.accession_number or None
@@ -756,48 +773,29 @@ class _Answers:
         dataset.PatientBirthDate = None
         dataset.PatientSex = None
 
-    def _series_doc(self, study: Study, series: Series) -> InstancePhi | None:
-        if not self.phi_ok:
-            return None
-        if series.id not in self._series_docs:
-            instance_id = self.session.scalar(
-                select(Instance.id).where(Instance.series_id == series.id).order_by(Instance.id).limit(1)
-            )
-            self._series_docs[series.id] = (
-                None if instance_id is None else self._instance_doc(study, instance_id)
-            )
-        return self._series_docs[series.id]
+    def _series_doc(self, series: Series) -> InstancePhi | None:
+        return self._series_docs.get(series.id)
 
-    def _instance_doc(self, study: Study, instance_id: str) -> InstancePhi | None:
-        if instance_id not in self._instances:
-            row = self.phi_session.get(PhiInstance, instance_id)
-            self._instances[instance_id] = (
-                None
-                if row is None
-                else self.reader.instance_phi(self.session, self.phi_session, study, instance_id)
-            )
-        return self._instances[instance_id]
-
-    def series_uid(self, study: Study, series: Series) -> str:
-        doc = self._series_doc(study, series)
+    def series_uid(self, series: Series) -> str:
+        doc = self._series_doc(series)
         return doc.uids.series_instance_uid if doc is not None else series.series_instance_uid
 
-    def series(self, dataset: Dataset, study: Study, series: Series) -> None:
-        dataset.SeriesInstanceUID = self.series_uid(study, series)
+    def series(self, dataset: Dataset, series: Series) -> None:
+        dataset.SeriesInstanceUID = self.series_uid(series)
         dataset.Modality = series.modality or None
         dataset.SeriesNumber = series.series_number
         dataset.NumberOfSeriesRelatedInstances = series.number_of_instances
         description = series.series_description
-        doc = self._series_doc(study, series)
+        doc = self._series_doc(series)
         if doc is not None:
             description = dict(doc.phi.other).get(_SERIES_DESCRIPTION_PATH, description)
         dataset.SeriesDescription = description or None
 
-    def instance_phi(self, study: Study, instance: Instance) -> InstancePhi | None:
-        return self._instance_doc(study, instance.id) if self.phi_ok else None
+    def instance_phi(self, instance: Instance) -> InstancePhi | None:
+        return self._phi.instances.get(instance.id) if self.phi_ok else None
 
-    def instance(self, dataset: Dataset, study: Study, instance: Instance) -> None:
-        doc = self.instance_phi(study, instance)
+    def instance(self, dataset: Dataset, instance: Instance) -> None:
+        doc = self.instance_phi(instance)
         dataset.SOPClassUID = instance.sop_class_uid
         dataset.SOPInstanceUID = doc.uids.sop_instance_uid if doc is not None else instance.sop_instance_uid
         dataset.InstanceAvailability = "ONLINE"

@@ -136,7 +136,7 @@ class ExamService:
             )
             more = len(rows) > filters.limit
             rows = rows[: filters.limit]
-            items = [self._exam(session, phi_session, study, phi_ok=phi_ok) for study in rows]
+            items = self._exams(session, phi_session, rows, phi_ok=phi_ok)
             reader.audit(session, principal, AuditAction.EXAM_SEARCH, None, context)
             if phi_ok:
                 reader.audit_phi(session, principal, (study.patient_ref for study in rows), context)
@@ -157,23 +157,21 @@ class ExamService:
             comments = session.scalar(
                 select(func.count()).select_from(ExamComment).where(ExamComment.study_id == study.id)
             )
-            exam = self._exam(session, phi_session, study, phi_ok=phi_ok)
+            (exam,) = self._exams(session, phi_session, [study], phi_ok=phi_ok)
             reader.audit(session, principal, AuditAction.EXAM_VIEW, Target("study", study.id), context)
             if phi_ok:
                 reader.audit_phi(session, principal, [study.patient_ref], context)
         return ExamDetail(exam, series, int(comments or 0))
 
-    def _exam(self, session: Session, phi_session: Session, study: Study, *, phi_ok: bool) -> Exam:
+    def _exams(
+        self, session: Session, phi_session: Session, studies: list[Study], *, phi_ok: bool
+    ) -> list[Exam]:
         if not phi_ok:
-            return Exam(study, None)
-        reader = self.reader
-        return Exam(
-            study,
-            ExamPhi(
-                reader.patient_phi(session, phi_session, study.patient_ref),
-                reader.study_phi(session, phi_session, study),
-            ),
-        )
+            return [Exam(study, None) for study in studies]
+        batch = self.reader.phi_of(session, phi_session, studies)
+        return [
+            Exam(study, ExamPhi(batch.patient(study.patient_ref), batch.study(study.id))) for study in studies
+        ]
 
     # -- archive and legal hold -----------------------------------------------------------
 
