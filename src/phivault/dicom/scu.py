@@ -105,6 +105,7 @@ class StoreAssociation:
 
     def __enter__(self) -> Self:
         peer = self._peer
+        _reachable(peer)
         tls_args = (client_context(peer.ca_pem), peer.host) if peer.tls else None
         assoc = self._ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
         if not assoc.is_established:
@@ -145,6 +146,19 @@ class StoreAssociation:
         if status is None and not assoc.is_established:
             raise AssociationFailed("the association with the PACS was lost")
         return None if status is None else int(status)
+
+
+def _reachable(peer: StorePeer) -> None:
+    """Fail early, with the reason, when nothing accepts connections at the peer's address
+    (pynetdicom would leave the refused socket open and say less).
+    """
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=peer.timeout):
+            pass
+    except TimeoutError:
+        raise AssociationFailed("the PACS did not answer (connection timed out)") from None
+    except OSError as exc:
+        raise AssociationFailed(f"the PACS is unreachable (no association: {type(exc).__name__})") from None
 
 
 def _no_delay(assoc: Association) -> None:
