@@ -3,7 +3,9 @@
 SQLite (the embedded default) runs in WAL mode with foreign keys on, a busy timeout and
 ``synchronous=FULL`` so an acknowledged commit survives a power cut. Every SQLite
 transaction starts with ``BEGIN IMMEDIATE``: writers queue on the busy timeout instead of
-failing with SQLITE_BUSY when a read transaction tries to become a write one.
+failing with SQLITE_BUSY when a read transaction tries to become a write one. Work that
+only reads says so (``Database.read``) and starts with a deferred ``BEGIN``: in WAL mode it
+then neither waits for nor blocks the writer.
 PostgreSQL is reached through psycopg 3.
 """
 
@@ -18,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_READ_ONLY = "phivault_read_only"
 POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
@@ -39,6 +42,20 @@ class Database:
         """A session inside one transaction: committed on success, rolled back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session inside one transaction that only reads; rolled back at the end.
+
+        On SQLite it does not take the write lock, so reads run beside a committing writer.
+        Writing through it is a mistake (SQLite may then answer SQLITE_BUSY).
+        """
+        with self._sessions() as session:
+            session.connection(execution_options={_READ_ONLY: True})
+            try:
+                yield session
+            finally:
+                session.rollback()
 
     def ping(self) -> None:
         """Run a trivial query; raises ``sqlalchemy.exc.OperationalError`` when unreachable."""
@@ -105,4 +122,5 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:  # noqa: ANN401
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

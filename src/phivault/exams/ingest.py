@@ -185,7 +185,7 @@ class IngestService:
         """Raise ``QuotaExceeded`` if ``incoming`` more bytes would pass a quota (uploads
         call this before accepting data).
         """
-        with self._db.transaction() as session:
+        with self._db.read() as session:
             self.policies.check_quota(session, institution_id, device_id, incoming)
 
     def ingest(
@@ -239,7 +239,7 @@ class IngestService:
             tokens=patient_tokens(secret, patient_name=phi.patient_name, patient_id=phi.patient_id),
         )
         work = _Work(validated, received, origin, context, patient, secret, uids, phi)
-        with self._db.transaction() as session:
+        with self._db.read() as session:
             earlier = self._earlier(session, institution_id, uids.sop, validated, received)
             if earlier is None and released_from is None:  # quarantined bytes are counted already
                 self.policies.check_quota(session, institution_id, origin.device_id, received.size)
@@ -269,7 +269,7 @@ class IngestService:
                 )
             return self._quarantine(work, str(outcome.reason))
         if prepared is None:  # released from quarantine, yet stored meanwhile: a duplicate
-            with self._db.transaction() as session:
+            with self._db.read() as session:
                 prepared = self._prepare(session, work)
         return self._store_instance(work, deidentified, prepared, released_from=released_from)
 
@@ -542,7 +542,7 @@ class IngestService:
         patient, uids = work.patient, work.uids
         dataset = validated.dataset
         quarantine_id = new_id()
-        with self._db.transaction() as session:
+        with self._db.read() as session:
             pending = self._keys.prepare_object(
                 session, ObjectContext(origin.institution_id, patient.patient_key_id, QUARANTINE_KIND)
             )

@@ -69,7 +69,7 @@ class PhiStore:
     # -- patients -----------------------------------------------------------------------
 
     def find_patient(self, institution_id: str, index: str) -> PatientRef | None:
-        with self._phi_db.transaction() as phi:
+        with self._phi_db.read() as phi:
             row = phi.execute(
                 select(PhiPatient.id, PhiPatient.patient_key_id).where(
                     PhiPatient.institution_id == institution_id, PhiPatient.patient_id_index == index

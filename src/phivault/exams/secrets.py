@@ -98,7 +98,7 @@ class InstitutionSecrets:
 
     def _load_or_create(self, institution_id: str) -> IngestSecret:
         for _ in range(3):
-            with self._db.transaction() as session:
+            with self._db.read() as session:
                 row = session.get(InstitutionSecret, institution_id)
                 if row is not None:
                     raw = self._keys.decrypt_field(

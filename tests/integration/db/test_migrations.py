@@ -88,3 +88,25 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(runtime: Runtime) -> None:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert connection.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+
+
+def test_reads_run_beside_a_writer_and_keep_nothing(runtime: Runtime) -> None:
+    """``Database.read`` does not wait for a transaction holding the write lock (on SQLite
+    a deferred BEGIN: with BEGIN IMMEDIATE this would hang for the busy timeout, then fail),
+    and nothing done through it is kept.
+    """
+    count = text("SELECT count(*) FROM jobs")
+    with runtime.db.read() as reader:
+        before = reader.execute(count).scalar()
+    insert = text(
+        "INSERT INTO jobs (id, kind, payload, status, attempts, max_attempts, run_at, created_at)"
+        " VALUES ('x', 'k', '{}', 'queued', 0, 1, '2026-01-01', '2026-01-01')"
+    )
+    with runtime.db.transaction() as writer:
+        writer.execute(text("UPDATE jobs SET attempts = attempts WHERE 1 = 0"))  # takes the lock
+        with runtime.db.read() as reader:
+            assert reader.execute(count).scalar() == before
+    with runtime.db.read() as reader:
+        reader.execute(insert)
+    with runtime.db.read() as reader:
+        assert reader.execute(count).scalar() == before
