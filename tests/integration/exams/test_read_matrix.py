@@ -2,9 +2,10 @@
 every route of QIDO-RS, WADO-RS and the exam API gets the expected status, and no PHI in any answer
 to a principal without ``phi:read``.
 
-Each column is a place the caller stands; a share-link column joins when share links land
-(issue 8, item 4). A new route of these routers fails ``test_the_matrix_covers_every_route``
-until it is added to ``ROUTES``.
+Each column is a place the caller stands; the share-link column is the holder of a link,
+without credentials: the API answers it 401, the link's own routes answer it with no PHI.
+A new route of these routers fails ``test_the_matrix_covers_every_route`` until it is added
+to ``ROUTES`` (or ``SHARE_ROUTES``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -24,7 +26,11 @@ from phivault.accounts.permissions import ROLE_PERMISSIONS, Permission, Role
 from phivault.audit.service import NO_CONTEXT
 from phivault.dicom import qido, wado
 from phivault.exams import api as exams_api
+from phivault.exams import export_api, share_api
+from phivault.exams.exports import DestinationSpec
 from phivault.exams.models import Study
+from phivault.exams.outbound_models import ShareMode
+from phivault.exams.shares import ShareRequest
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
 
@@ -76,9 +82,32 @@ ROUTES = (
         body={"body": "x"},
     ),
     Route("DELETE", "/api/v1/exams/{exam_id}/comments/{comment_id}", Permission.EXAM_COMMENT, 403),
+    Route(
+        "POST", "/api/v1/exams/{exam_id}/shares", Permission.EXAM_SHARE, 201, body={"expires_at": "{expires}"}
+    ),
+    Route("GET", "/api/v1/exams/{exam_id}/shares", Permission.EXAM_SHARE, 200),
+    Route("DELETE", "/api/v1/exams/{exam_id}/shares/{share_id}", Permission.EXAM_SHARE, 200),
+    # An export to the destination is under way: asking again answers it (202).
+    Route(
+        "POST",
+        "/api/v1/exams/{exam_id}/exports",
+        Permission.EXAM_EXPORT,
+        202,
+        body={"destination_id": "{destination_id}"},
+    ),
+    Route("GET", "/api/v1/exams/{exam_id}/exports", Permission.EXAM_EXPORT, 200),
+    Route("GET", "/api/v1/exams/{exam_id}/exports/{export_id}", Permission.EXAM_EXPORT, 200),
+    # The export has not failed: 409 export_not_failed proves the permission and the scope.
+    Route("POST", "/api/v1/exams/{exam_id}/exports/{export_id}/retry", Permission.EXAM_EXPORT, 409),
+)
+# The share-link column: a download link of the exam, opened without credentials.
+SHARE_ROUTES = (
+    "/share/{token}",
+    "/share/{token}/instances/{number}",
+    "/share/{token}/instances/{number}/rendered",
 )
 
-PLACES = ("own", "other")  # share links: a third place (issue 8, item 4)
+PLACES = ("own", "other")  # and the share-link column (test_a_share_link_opens_its_routes_only)
 
 
 def expected(route: Route, role: Role, place: str) -> int:
@@ -115,6 +144,19 @@ def world(runtime: Runtime) -> World:
     author = principal(exams.accounts.member(Role.CLINICIAN, home, mfa=True))
     comment = runtime.exams.add_comment(author, study.study_id, "the author's", context=NO_CONTEXT)
     receipt = study.receipts[0]
+    now = runtime.clock.now()
+    share = runtime.shares.create(
+        author,
+        study.study_id,
+        ShareRequest(now + timedelta(days=2), ShareMode.DOWNLOAD),
+        context=NO_CONTEXT,
+    )
+    admin = principal(exams.accounts.member(Role.INSTITUTION_ADMIN, home, mfa=True))
+    destination = runtime.pacs_destinations.create(
+        admin, DestinationSpec("Home PACS", "HOME_PACS", "127.0.0.1", 11112, "PHIVAULT"), context=NO_CONTEXT
+    )
+    export = runtime.exports.create(author, study.study_id, destination.id, context=NO_CONTEXT)
+    assert share.token is not None
 
     def hold() -> None:
         with runtime.db.transaction() as session:
@@ -129,13 +171,27 @@ def world(runtime: Runtime) -> World:
         "frames": "1",
         "exam_id": study.study_id,
         "comment_id": comment.id,
+        "share_id": share.share.id,
+        "expires": (now + timedelta(days=1)).isoformat(),
+        "destination_id": destination.id,
+        "export_id": export.id,
+        "token": share.token,
+        "number": "1",
     }
     client = TestClient(create_app(runtime), base_url="https://testserver", client=LOOPBACK)
     return World(runtime, client, study, values, principals, hold)
 
 
+def _fill(world: World, text: str) -> str:
+    return re.sub(r"\{(\w+)\}", lambda match: world.values[match[1]], text)
+
+
 def _url(world: World, route: Route) -> str:
-    return re.sub(r"\{(\w+)\}", lambda match: world.values[match[1]], route.path)
+    return _fill(world, route.path)
+
+
+def _body(world: World, route: Route) -> dict[str, str] | None:
+    return None if route.body is None else {key: _fill(world, value) for key, value in route.body.items()}
 
 
 def test_every_role_in_every_place_gets_the_expected_status(world: World) -> None:
@@ -143,14 +199,16 @@ def test_every_role_in_every_place_gets_the_expected_status(world: World) -> Non
     leaks: list[str] = []
     with world.client as client:
         for route in ROUTES:
-            anonymous = client.request(route.method, _url(world, route), json=route.body)
+            anonymous = client.request(route.method, _url(world, route), json=_body(world, route))
             if anonymous.status_code != 401 or "www-authenticate" not in anonymous.headers:
                 failures.append(f"{route.method} {route.path} anonymous: {anonymous.status_code}")
             for (role, place), headers in world.principals.items():
                 if role is Role.OPERATOR and place == "other":
                     continue  # operators belong to no institution
                 world.hold()
-                response = client.request(route.method, _url(world, route), headers=headers, json=route.body)
+                response = client.request(
+                    route.method, _url(world, route), headers=headers, json=_body(world, route)
+                )
                 want = expected(route, role, place)
                 if response.status_code != want:
                     failures.append(
@@ -175,8 +233,37 @@ def _declared(router: Any) -> set[tuple[str, str]]:  # noqa: ANN401  # an APIRou
 
 
 def test_the_matrix_covers_every_route() -> None:
-    declared = _declared(qido.router) | _declared(wado.router) | _declared(exams_api.router)
+    declared = (
+        _declared(qido.router)
+        | _declared(wado.router)
+        | _declared(exams_api.router)
+        | _declared(share_api.router)
+        | _declared(export_api.router)
+    )
     assert declared == {(route.method, route.path) for route in ROUTES}
+    public = {path for method, path in _declared(share_api.public_router) if method == "GET"}
+    assert public == set(SHARE_ROUTES)
+
+
+def test_a_share_link_opens_its_routes_only_and_carries_no_phi(world: World) -> None:
+    failures: list[str] = []
+    leaks: list[str] = []
+    with world.client as client:
+        for route in ROUTES:  # the link is no credential for the API
+            response = client.request(route.method, _url(world, route), json=_body(world, route))
+            if response.status_code != 401:
+                failures.append(f"{route.method} {route.path} with a share link: {response.status_code}")
+        for path in SHARE_ROUTES:
+            response = client.get(_fill(world, path))
+            if response.status_code != 200:
+                failures.append(f"GET {path}: {response.status_code} {response.text[:120]}")
+            found = [
+                value for value in world.study.planted if value.lower().encode() in response.content.lower()
+            ]
+            if found:
+                leaks.append(f"GET {path}: {found[:3]}")
+    assert not failures, "\n".join(failures)
+    assert not leaks, "PHI reached the holder of a share link:\n" + "\n".join(leaks)
 
 
 def test_other_institutions_see_nothing_of_ours_in_searches(world: World) -> None:
