@@ -26,7 +26,7 @@ DeviceManager = Annotated[Principal, Depends(require(Permission.DEVICE_MANAGE))]
 
 
 class DeviceQuotaIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"quota_bytes": 5368709120}]})
 
     quota_bytes: int | None = Field(ge=0, description="Bytes; 0: no limit; null: the institution's default.")
 
@@ -62,7 +62,19 @@ class QuarantinePageOut(BaseModel):
 
 
 class ReleaseIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "rule": {
+                        "manufacturer": "Acme Sonics",
+                        "regions": [{"x": 0, "y": 0, "width": 640, "height": 48}],
+                    }
+                }
+            ]
+        },
+    )
 
     rule: PixelRuleModel | None = Field(
         default=None, description="Tried before the institution's rules; null: the current rules only."

@@ -77,7 +77,29 @@ class PrivateTagModel(BaseModel):
 class PolicyModel(BaseModel):
     """``GET``/``PUT /api/v1/ingest/policy``: what an institution admin configures."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "retain_modified_dates": True,
+                    "retain_device_identity": False,
+                    "retain_patient_characteristics": False,
+                    "clean_descriptors": False,
+                    "private_allow_list": [{"group": 9, "creator": "ACME 1.0", "element": 16}],
+                    "pixel_rules": [
+                        {
+                            "manufacturer": "Acme Sonics",
+                            "model_pattern": "Sono*",
+                            "regions": [{"x": 0, "y": 0, "width": 640, "height": 48}],
+                        }
+                    ],
+                    "institution_quota_bytes": None,
+                    "device_quota_bytes": 2147483648,
+                }
+            ]
+        },
+    )
 
     retain_modified_dates: bool = False
     retain_device_identity: bool = False
