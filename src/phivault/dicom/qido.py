@@ -69,7 +69,7 @@ def _search(
         warnings.append("there are more results: ask again with a higher offset")  # PS3.18 §8.3.4.4
     headers = {"Warning": ", ".join(f'299 phivault "{text}"' for text in warnings)} if warnings else {}
     return JSONResponse(
-        [dataset.to_json_dict() for dataset in result.datasets], media_type=chosen, headers=headers
+        [dataset.to_json() for dataset in result.datasets], media_type=chosen, headers=headers
     )
 
 

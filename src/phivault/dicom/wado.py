@@ -316,11 +316,10 @@ def _one_instance(
     series: str,
     instance: str,
 ) -> InstanceReading:
-    retrieval = runtime.reading.retrieve(
-        principal, study, series, instance, action=AuditAction.EXAM_VIEW, context=context
-    )
     # Pixel data is the same for every reader: no PHI document is opened for it.
-    return runtime.reading.read_instance(principal, retrieval.study, retrieval.instances[0], with_phi=False)
+    return runtime.reading.open_instance(
+        principal, study, series, instance, action=AuditAction.EXAM_VIEW, context=context, with_phi=False
+    )
 
 
 def _cut(reading: InstanceReading, numbers: list[int]) -> list[bytes]:

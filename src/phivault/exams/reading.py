@@ -375,16 +375,55 @@ class ExamReader:
         instances of one retrieval re-identify each other's references.
         """
         with self.db.transaction() as session:
-            opened = self.open(session, study, instance)
             series_uid = session.scalar(
                 select(Series.series_instance_uid).where(Series.id == instance.series_id)
             )
-            phi: InstancePhi | None = None
-            if with_phi and may_read_phi(principal, study.institution_id):
-                with self.phi_db.transaction() as phi_session:
-                    phi = self.instance_phi(session, phi_session, study, instance.id)
-        if series_uid is None:
-            raise NotFound
+            if series_uid is None:
+                raise NotFound
+            return self._reading(session, principal, study, instance, series_uid, uid_map, with_phi=with_phi)
+
+    def open_instance(
+        self,
+        principal: Principal,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        *,
+        action: AuditAction,
+        context: RequestContext,
+        with_phi: bool = True,
+    ) -> InstanceReading:
+        """Find one instance by its WADO-RS path, audit the access and open it, all in one
+        transaction (a viewer asks for frames one by one: each costs few round trips).
+        """
+        with self.db.transaction() as session:
+            study = self.study(session, principal, study_uid)
+            series = self.series(session, principal, study, series_uid)
+            instance = self.instance(session, principal, study, series, sop_uid)
+            self.audit(session, principal, action, Target("instance", instance.id), context)
+            reading = self._reading(
+                session, principal, study, instance, series.series_instance_uid, None, with_phi=with_phi
+            )
+            if reading.phi is not None:
+                self.audit_phi(session, principal, [study.patient_ref], context)
+            return reading
+
+    def _reading(
+        self,
+        session: Session,
+        principal: Principal,
+        study: Study,
+        instance: Instance,
+        series_uid: str,
+        uid_map: dict[str, str] | None,
+        *,
+        with_phi: bool,
+    ) -> InstanceReading:
+        opened = self.open(session, study, instance)
+        phi: InstancePhi | None = None
+        if with_phi and may_read_phi(principal, study.institution_id):
+            with self.phi_db.transaction() as phi_session:
+                phi = self.instance_phi(session, phi_session, study, instance.id)
         uids = uid_map if uid_map is not None else {}
         if phi is not None:
             uids[study.study_instance_uid] = phi.uids.study_instance_uid

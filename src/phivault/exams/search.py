@@ -28,13 +28,13 @@ from enum import StrEnum
 from typing import Final
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, and_, func, literal, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from phivault.accounts.principal import Principal
 from phivault.audit.actions import AuditAction
 from phivault.audit.service import RequestContext
+from phivault.dicom.jsonmodel import DicomJsonObject
 from phivault.dicom.phi import PhiRecord
 from phivault.exams.errors import InvalidRequest
 from phivault.exams.models import Instance, Series, Study
@@ -175,7 +175,7 @@ class QidoQuery:
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
-    datasets: list[Dataset]
+    datasets: list[DicomJsonObject]
     more: bool  # further results exist past ``limit`` (PS3.18 §8.3.4.4: warn the client)
     warnings: tuple[str, ...] = ()
 
@@ -639,12 +639,12 @@ class Searcher:
         *,
         phi_ok: bool,
         base_url: str,
-    ) -> list[Dataset]:
+    ) -> list[DicomJsonObject]:
         answers = _Answers(self.reader, session, phi_session, rows, phi_ok=phi_ok)
         datasets = []
         with_study = query.level is QueryLevel.STUDY or query.study_uid is None
         for study, series, instance in rows:
-            dataset = Dataset()
+            dataset = DicomJsonObject()
             study_uid = answers.study_uid(study)
             study_url = f"{base_url}/dicomweb/studies/{study_uid}"
             if with_study:
@@ -657,25 +657,22 @@ class Searcher:
                     answers.instance(dataset, instance)
                     sop = answers.instance_phi(instance)
                     sop_uid = sop.uids.sop_instance_uid if sop is not None else instance.sop_instance_uid
-                    dataset.RetrieveURL = f"{series_url}/instances/{sop_uid}"
+                    dataset.set("RetrieveURL", f"{series_url}/instances/{sop_uid}")
                 else:
-                    dataset.RetrieveURL = series_url
+                    dataset.set("RetrieveURL", series_url)
             else:
-                dataset.RetrieveURL = study_url
-            dataset.StudyInstanceUID = study_uid
+                dataset.set("RetrieveURL", study_url)
+            dataset.set("StudyInstanceUID", study_uid)
             datasets.append(_filtered(dataset, query))
         return datasets
 
 
-def _filtered(dataset: Dataset, query: QidoQuery) -> Dataset:
+def _filtered(dataset: DicomJsonObject, query: QidoQuery) -> DicomJsonObject:
     """Default fields, matching keys and includefield (PS3.18 §10.6.3.3): the rest goes."""
     if query.include_all:
         return dataset
     keep = {_tag(keyword) for keyword in (*_STUDY_FIELDS, *_SERIES_FIELDS, *_INSTANCE_FIELDS)}
-    keep |= set(query.matches) | query.include
-    for tag in [element.tag for element in dataset]:
-        if int(tag) not in keep:
-            del dataset[tag]
+    dataset.keep(keep | set(query.matches) | query.include)
     return dataset
 
 
@@ -743,35 +740,35 @@ class _Answers:
             return study.study_instance_uid
         return self._phi.study(study.id).study_instance_uid or study.study_instance_uid
 
-    def study(self, dataset: Dataset, study: Study) -> None:
-        dataset.InstanceAvailability = "ONLINE"
-        dataset.ModalitiesInStudy = [m for m in study.modalities.split("\\") if m] or None
-        dataset.NumberOfStudyRelatedSeries = study.number_of_series
-        dataset.NumberOfStudyRelatedInstances = study.number_of_instances
+    def study(self, dataset: DicomJsonObject, study: Study) -> None:
+        dataset.set("InstanceAvailability", "ONLINE")
+        dataset.set("ModalitiesInStudy", [m for m in study.modalities.split("\\") if m] or None)
+        dataset.set("NumberOfStudyRelatedSeries", study.number_of_series)
+        dataset.set("NumberOfStudyRelatedInstances", study.number_of_instances)
         if self.phi_ok:
             view, patient = self._phi.study(study.id), self._phi.patient(study.patient_ref)
-            dataset.StudyDate = view.study_date or None
-            dataset.StudyTime = view.study_time or None
-            dataset.AccessionNumber = view.accession_number or None
-            dataset.ReferringPhysicianName = view.referring_physician_name or None
-            dataset.StudyID = view.study_id or None
-            dataset.StudyDescription = view.study_description or None
-            dataset.PatientName = patient.patient_name or None
-            dataset.PatientID = patient.patient_id or None
-            dataset.IssuerOfPatientID = patient.issuer_of_patient_id or None
-            dataset.PatientBirthDate = patient.birth_date or None
-            dataset.PatientSex = patient.sex or None
+            dataset.set("StudyDate", view.study_date or None)
+            dataset.set("StudyTime", view.study_time or None)
+            dataset.set("AccessionNumber", view.accession_number or None)
+            dataset.set("ReferringPhysicianName", view.referring_physician_name or None)
+            dataset.set("StudyID", view.study_id or None)
+            dataset.set("StudyDescription", view.study_description or None)
+            dataset.set("PatientName", patient.patient_name or None)
+            dataset.set("PatientID", patient.patient_id or None)
+            dataset.set("IssuerOfPatientID", patient.issuer_of_patient_id or None)
+            dataset.set("PatientBirthDate", patient.birth_date or None)
+            dataset.set("PatientSex", patient.sex or None)
             return
-        dataset.StudyDate = study.study_date or None
-        dataset.StudyTime = study.study_time or None
-        dataset.AccessionNumber = None
-        dataset.ReferringPhysicianName = None
-        dataset.StudyID = None
-        dataset.StudyDescription = study.study_description or None
-        dataset.PatientName = study.patient_ref  # the pseudonym, as in the stored instances
-        dataset.PatientID = study.patient_ref
-        dataset.PatientBirthDate = None
-        dataset.PatientSex = None
+        dataset.set("StudyDate", study.study_date or None)
+        dataset.set("StudyTime", study.study_time or None)
+        dataset.set("AccessionNumber", None)
+        dataset.set("ReferringPhysicianName", None)
+        dataset.set("StudyID", None)
+        dataset.set("StudyDescription", study.study_description or None)
+        dataset.set("PatientName", study.patient_ref)  # the pseudonym, as in the stored instances
+        dataset.set("PatientID", study.patient_ref)
+        dataset.set("PatientBirthDate", None)
+        dataset.set("PatientSex", None)
 
     def _series_doc(self, series: Series) -> InstancePhi | None:
         return self._series_docs.get(series.id)
@@ -780,26 +777,28 @@ class _Answers:
         doc = self._series_doc(series)
         return doc.uids.series_instance_uid if doc is not None else series.series_instance_uid
 
-    def series(self, dataset: Dataset, series: Series) -> None:
-        dataset.SeriesInstanceUID = self.series_uid(series)
-        dataset.Modality = series.modality or None
-        dataset.SeriesNumber = series.series_number
-        dataset.NumberOfSeriesRelatedInstances = series.number_of_instances
+    def series(self, dataset: DicomJsonObject, series: Series) -> None:
+        dataset.set("SeriesInstanceUID", self.series_uid(series))
+        dataset.set("Modality", series.modality or None)
+        dataset.set("SeriesNumber", series.series_number)
+        dataset.set("NumberOfSeriesRelatedInstances", series.number_of_instances)
         description = series.series_description
         doc = self._series_doc(series)
         if doc is not None:
             description = dict(doc.phi.other).get(_SERIES_DESCRIPTION_PATH, description)
-        dataset.SeriesDescription = description or None
+        dataset.set("SeriesDescription", description or None)
 
     def instance_phi(self, instance: Instance) -> InstancePhi | None:
         return self._phi.instances.get(instance.id) if self.phi_ok else None
 
-    def instance(self, dataset: Dataset, instance: Instance) -> None:
+    def instance(self, dataset: DicomJsonObject, instance: Instance) -> None:
         doc = self.instance_phi(instance)
-        dataset.SOPClassUID = instance.sop_class_uid
-        dataset.SOPInstanceUID = doc.uids.sop_instance_uid if doc is not None else instance.sop_instance_uid
-        dataset.InstanceAvailability = "ONLINE"
-        dataset.InstanceNumber = instance.instance_number
-        dataset.Rows = instance.rows
-        dataset.Columns = instance.columns
-        dataset.NumberOfFrames = instance.number_of_frames
+        dataset.set("SOPClassUID", instance.sop_class_uid)
+        dataset.set(
+            "SOPInstanceUID", doc.uids.sop_instance_uid if doc is not None else instance.sop_instance_uid
+        )
+        dataset.set("InstanceAvailability", "ONLINE")
+        dataset.set("InstanceNumber", instance.instance_number)
+        dataset.set("Rows", instance.rows)
+        dataset.set("Columns", instance.columns)
+        dataset.set("NumberOfFrames", instance.number_of_frames)
