@@ -390,10 +390,8 @@ class ShareService:
             if study is None or study.institution_id != row.institution_id:
                 raise NotFound
             items: dict[int, str] = {
-                number: instance_id
-                for number, instance_id in session.execute(
-                    select(ShareItem.number, ShareItem.instance_id).where(ShareItem.share_id == row.id)
-                )
+                item.number: item.instance_id
+                for item in session.scalars(select(ShareItem).where(ShareItem.share_id == row.id))
             }
             opened = OpenShare(row.id, row.institution_id, ShareMode(row.mode), row.expires_at, study, items)
             if count:
@@ -560,15 +558,19 @@ class ShareService:
         study = opened.study
         values: list[str] = []
         ids = sorted(set(instance_ids))
+        records = []
         with reader.db.transaction() as session, reader.phi_db.transaction() as phi_session:
             options = self.policies.load(session, study.institution_id).options
-            batch = reader.phi_of(
-                session, phi_session, [study], [(study, instance_id) for instance_id in ids]
-            )
-        patient = batch.patient(study.patient_ref)
-        study_phi = batch.study(study.id)
-        values += [patient.patient_id, patient.issuer_of_patient_id, patient.birth_date]
-        values += [patient.patient_name, *_name_parts(patient.patient_name)]
+            patient = reader.phi.patient_values(session, phi_session, study.patient_ref)
+            study_phi = reader.study_phi(session, phi_session, study)
+            for instance_id in ids:
+                try:
+                    records.append(reader.instance_phi(session, phi_session, study, instance_id))
+                except NotFound:
+                    continue  # an index row without its PHI: nothing of it to look for
+        name = patient.get("patient_name", "")
+        values += [patient.get(key, "") for key in ("patient_id", "issuer_of_patient_id", "birth_date")]
+        values += [name, *_name_parts(name)]
         values += [
             study_phi.accession_number,
             study_phi.study_date,
@@ -577,7 +579,7 @@ class ShareService:
             study_phi.referring_physician_name,
             *_name_parts(study_phi.referring_physician_name),
         ]
-        for phi in batch.instances.values():
+        for phi in records:
             values += record_values(phi.phi, options)
             values += [phi.uids.study_instance_uid, phi.uids.series_instance_uid, phi.uids.sop_instance_uid]
         return EgressGuard(values)
