@@ -42,10 +42,13 @@ __all__ = [
     "ProofPlan",
     "consistency_proof",
     "consistency_proof_plan",
+    "frontier_node_ids",
     "inclusion_proof",
     "inclusion_proof_plan",
     "leaf_hash",
+    "leaf_hashes",
     "node_hash",
+    "parent_level",
     "root_from_leaf_hashes",
     "verify_consistency",
     "verify_inclusion",
@@ -112,6 +115,24 @@ def leaf_hash(data: bytes) -> bytes:
     return hashlib.sha256(_LEAF_PREFIX + data).digest()
 
 
+def leaf_hashes(entries: Iterable[bytes]) -> list[bytes]:
+    """``leaf_hash`` of many entries in one call: the fast path for verifying a whole log."""
+    sha256 = hashlib.sha256
+    prefix = _LEAF_PREFIX
+    return [sha256(prefix + entry).digest() for entry in entries]
+
+
+def parent_level(hashes: Sequence[bytes]) -> list[bytes]:
+    """The perfect subtrees one level up from ``hashes`` (the complete nodes of one level,
+    leftmost first): ``HASH(0x01 || left || right)`` for each pair (RFC 9162 §2.1.1). A last,
+    unpaired hash has no parent yet. The caller vouches for the hashes (32 bytes each).
+    """
+    sha256 = hashlib.sha256
+    prefix = _NODE_PREFIX
+    pairs = iter(hashes)
+    return [sha256(prefix + left + right).digest() for left, right in zip(pairs, pairs, strict=False)]
+
+
 def node_hash(left: bytes, right: bytes) -> bytes:
     """RFC 9162 §2.1.1: MTH(D[n]) = HASH(0x01 || MTH(D[0:k]) || MTH(D[k:n]))."""
     _check_hash(left, "left hash")
@@ -144,6 +165,12 @@ def _check_proof(proof: Sequence[bytes], longest: int) -> None:
 def _largest_power_of_two_below(n: int) -> int:
     """RFC 9162 §2.1.1: "k is the largest power of two smaller than n" (n > 1)."""
     return 1 << ((n - 1).bit_length() - 1)
+
+
+def frontier_node_ids(size: int) -> tuple[NodeId, ...]:
+    """The perfect subtrees whose roots make up the frontier of ``size`` leaves, largest first."""
+    _check_size(size, "tree size")
+    return _covering_nodes(0, size)
 
 
 def _covering_nodes(start: int, end: int) -> tuple[NodeId, ...]:
@@ -256,8 +283,7 @@ class Frontier:
     @classmethod
     def load(cls, size: int, source: NodeSource) -> Frontier:
         """Read the frontier of the tree of ``size`` leaves from stored nodes, in one fetch."""
-        _check_size(size, "tree size")
-        ids = _covering_nodes(0, size)
+        ids = frontier_node_ids(size)
         nodes = source.get_nodes(ids) if ids else {}
         return cls(size, tuple(_stored(nodes, node_id) for node_id in ids))
 
@@ -522,14 +548,9 @@ class InMemoryNodeSource:
         for value in level:
             _check_hash(value, "leaf hash")
         source = cls()
-        sha256 = hashlib.sha256
-        prefix = _NODE_PREFIX
         source._levels.append(level)
         while len(level) > 1:
-            level = [
-                sha256(prefix + left + right).digest()
-                for left, right in zip(level[::2], level[1::2], strict=False)
-            ]
+            level = parent_level(level)
             source._levels.append(level)
         return source
 

@@ -1,7 +1,7 @@
 """The audit log: ``record`` an event, integrate records into the Merkle tree, sign
 checkpoints, serve proofs.
 
-Recording is one INSERT in the caller's transaction, so an event exists exactly when the
+Recording adds a row to the caller's transaction, so an event exists exactly when the
 change it describes commits, and writers never wait on each other. A sequencer
 (``integrate_pending``, run by every job worker) then appends committed records to the
 RFC 9162 tree in batches under a lock on the tree head, stores the new leaves and the
@@ -20,8 +20,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-from sqlalchemy import and_, delete, func, insert, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, delete, event, func, insert, inspect, or_, select
+from sqlalchemy.orm import Session, UOWTransaction
 
 from phivault.audit.actions import ActorType, AuditAction, Outcome
 from phivault.audit.canonical import RecordFields, canonical_bytes
@@ -145,6 +145,32 @@ def record(  # noqa: PLR0913  # the record's fields, named at every call site
 
 def _bounded(value: str | None, limit: int) -> str | None:
     return None if value is None else value[:limit]
+
+
+_RECORD_KEYS = tuple(column.key for column in AuditRecord.__table__.columns if column.key != "seq")
+
+
+@event.listens_for(Session, "before_flush")
+def _insert_records(session: Session, _flush: UOWTransaction, objects: Sequence[object] | None) -> None:
+    """Write the records ``record`` added as one executemany INSERT, in the order they were added.
+
+    The same flush, so the same transaction and savepoint, as the ORM would use; but without
+    the ORM's fetching of each new row's ``seq`` (nothing reads it back), which makes the
+    ORM send one INSERT … RETURNING of all rows whose text the PostgreSQL driver parses
+    again for every batch. A plain executemany is pipelined by psycopg and cached by SQLite.
+    """
+    only = None if objects is None else {id(obj) for obj in objects}
+    added = [
+        item for item in session.new if isinstance(item, AuditRecord) and (only is None or id(item) in only)
+    ]
+    if not added:
+        return
+    added.sort(key=lambda item: inspect(item).insert_order or 0)
+    session.connection(bind_arguments={"mapper": AuditRecord}).execute(
+        insert(AuditRecord), [{key: getattr(item, key) for key in _RECORD_KEYS} for item in added]
+    )
+    for item in added:
+        session.expunge(item)
 
 
 RECORD_COLUMNS = (

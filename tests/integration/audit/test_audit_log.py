@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from phivault.audit.actions import ActorType, AuditAction, Outcome
 from phivault.audit.canonical import RecordFields, canonical_bytes
@@ -92,6 +93,38 @@ def test_a_record_commits_only_with_its_change(runtime: Runtime) -> None:
         failing_change()
     with runtime.db.transaction() as session:
         assert session.scalar(select(func.count()).select_from(AuditRecord)) == 0
+
+
+def test_records_are_written_in_the_order_they_were_recorded(runtime: Runtime) -> None:
+    ids = _record(runtime, 600)  # more than one INSERT page
+    with runtime.db.transaction() as session:
+        assert list(session.scalars(select(AuditRecord.id).order_by(AuditRecord.seq))) == ids
+
+
+def test_a_record_is_visible_to_its_own_transaction_before_commit(runtime: Runtime) -> None:
+    with runtime.db.transaction() as session:
+        record_id = record(
+            session, AuditAction.AUDIT_READ, ALICE, None, Outcome.SUCCESS, now=runtime.clock.now()
+        )
+        assert session.scalar(select(AuditRecord.id).where(AuditRecord.id == record_id)) == record_id
+
+
+def test_a_record_inside_a_rolled_back_savepoint_is_discarded(runtime: Runtime) -> None:
+    def add(session: Session) -> str:
+        return record(session, AuditAction.AUDIT_READ, ALICE, None, Outcome.SUCCESS, now=runtime.clock.now())
+
+    def failing_savepoint(session: Session) -> None:
+        with session.begin_nested():
+            add(session)
+            raise RuntimeError("the savepoint's change failed")
+
+    with runtime.db.transaction() as session:
+        kept = add(session)
+        with pytest.raises(RuntimeError):
+            failing_savepoint(session)
+        also_kept = add(session)
+    with runtime.db.transaction() as session:
+        assert list(session.scalars(select(AuditRecord.id).order_by(AuditRecord.seq))) == [kept, also_kept]
 
 
 def test_records_become_leaves_and_a_signed_checkpoint(runtime: Runtime) -> None:
@@ -262,33 +295,41 @@ def sealed_log(runtime: Runtime, clock: ManualClock) -> Runtime:
     return runtime
 
 
+# 0: everything in the test process; 3: three worker processes recompute a third of the
+# leaves each (what a large log gets): leaves 0-20, 21-42 and 43-64 of the sealed log.
+PROCESSES = pytest.mark.parametrize("processes", [0, 3])
+
+
 def _seq_of_leaf(runtime: Runtime, index: int) -> int:
     with runtime.db.transaction() as session:
         return session.scalar(select(AuditLeaf.record_seq).where(AuditLeaf.leaf_index == index))  # type: ignore[return-value]
 
 
-def test_one_changed_byte_is_found_at_its_leaf(sealed_log: Runtime) -> None:
+@PROCESSES
+def test_one_changed_byte_is_found_at_its_leaf(sealed_log: Runtime, processes: int) -> None:
     seq = _seq_of_leaf(sealed_log, 33)
     _without_triggers(
         sealed_log,
         lambda c: c.execute(text("UPDATE audit_records SET object_id = 'exam-X' WHERE seq = :s"), {"s": seq}),
     )
-    report = verify_log(sealed_log.db)
+    report = verify_log(sealed_log.db, processes=processes)
     assert not report.ok
     assert report.first_bad_index == 33
 
 
-def test_a_deleted_record_is_found(sealed_log: Runtime) -> None:
+@PROCESSES
+def test_a_deleted_record_is_found(sealed_log: Runtime, processes: int) -> None:
     seq = _seq_of_leaf(sealed_log, 5)
     _without_triggers(
         sealed_log, lambda c: c.execute(text("DELETE FROM audit_records WHERE seq = :s"), {"s": seq})
     )
-    report = verify_log(sealed_log.db)
+    report = verify_log(sealed_log.db, processes=processes)
     assert not report.ok
     assert report.first_bad_index == 5
 
 
-def test_a_deleted_leaf_with_its_record_is_found(sealed_log: Runtime) -> None:
+@PROCESSES
+def test_a_deleted_leaf_with_its_record_is_found(sealed_log: Runtime, processes: int) -> None:
     seq = _seq_of_leaf(sealed_log, 50)
 
     def delete(connection: Connection) -> None:
@@ -296,7 +337,7 @@ def test_a_deleted_leaf_with_its_record_is_found(sealed_log: Runtime) -> None:
         connection.execute(text("DELETE FROM audit_records WHERE seq = :s"), {"s": seq})
 
     _without_triggers(sealed_log, delete)
-    report = verify_log(sealed_log.db)
+    report = verify_log(sealed_log.db, processes=processes)
     assert not report.ok
     assert report.first_bad_index == 50
 
@@ -343,6 +384,35 @@ def test_a_record_inserted_into_the_middle_is_found(sealed_log: Runtime) -> None
     assert report.first_bad_index == 30
 
 
+@PROCESSES
+def test_a_record_rewritten_together_with_its_leaf_hash_is_found_by_the_signed_root(
+    sealed_log: Runtime, processes: int
+) -> None:
+    seq = _seq_of_leaf(sealed_log, 33)
+
+    def rewrite(connection: Connection) -> None:
+        connection.execute(text("UPDATE audit_records SET object_id = 'exam-X' WHERE seq = :s"), {"s": seq})
+        row = connection.execute(select(*RECORD_COLUMNS).where(AuditRecord.seq == seq)).one()
+        connection.execute(
+            text("UPDATE audit_leaves SET leaf_hash = :h WHERE leaf_index = 33"),
+            {"h": leaf_hash(canonical_bytes(RecordFields._make(row)))},
+        )
+
+    _without_triggers(sealed_log, rewrite)
+    report = verify_log(sealed_log.db, processes=processes)
+    assert not report.ok
+    assert "the tree of size 41 does not match its signed checkpoint" in report.problems
+    assert "interior node (level 1, index 16) was altered" in report.problems
+    assert report.first_bad_index == 20  # somewhere in the leaves the checkpoint of 41 added
+
+
+@PROCESSES
+def test_an_intact_log_verifies_the_same_in_worker_processes(sealed_log: Runtime, processes: int) -> None:
+    report = verify_log(sealed_log.db, processes=processes)
+    assert report.ok, report.problems
+    assert (report.tree_size, report.records_checked, report.checkpoints_checked) == (65, 65, 3)
+
+
 def test_a_forged_checkpoint_is_found(sealed_log: Runtime) -> None:
     def forge(connection: Connection) -> None:
         note = connection.execute(text("SELECT note FROM audit_checkpoints WHERE size = 41")).scalar_one()
@@ -379,8 +449,9 @@ def test_nodes_and_leaves_are_all_stored(sealed_log: Runtime) -> None:
         assert session.scalar(select(func.count()).select_from(AuditCheckpoint)) == 3
 
 
+@PROCESSES
 def test_prune_deletes_only_old_integrated_records_and_the_log_still_verifies(
-    runtime: Runtime, clock: ManualClock
+    runtime: Runtime, clock: ManualClock, processes: int
 ) -> None:
     clock.set(datetime.now(UTC) - timedelta(days=400))
     old = _record(runtime, 4)
@@ -399,7 +470,7 @@ def test_prune_deletes_only_old_integrated_records_and_the_log_still_verifies(
         left = set(session.scalars(select(AuditRecord.id)))
     assert not left & set(old)
     assert set(young) <= left
-    report = verify_log(runtime.db)
+    report = verify_log(runtime.db, processes=processes)
     assert report.ok, report.problems
 
 

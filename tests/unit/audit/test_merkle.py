@@ -22,10 +22,13 @@ from phivault.audit.merkle import (
     NodeSource,
     consistency_proof,
     consistency_proof_plan,
+    frontier_node_ids,
     inclusion_proof,
     inclusion_proof_plan,
     leaf_hash,
+    leaf_hashes,
     node_hash,
+    parent_level,
     root_from_leaf_hashes,
     verify_consistency,
     verify_inclusion,
@@ -353,6 +356,30 @@ def test_streaming_root_equals_frontier_root_for_every_size_up_to_300() -> None:
 def test_extend_continues_from_a_saved_frontier() -> None:
     saved = Frontier.from_bytes(Frontier().extend(LEAVES[:77]).to_bytes())
     assert saved.extend(LEAVES[77:]).root() == ref_mth(LEAVES)
+
+
+def test_leaf_hashes_are_leaf_hash_of_each_entry() -> None:
+    entries = [bytes([i]) * i for i in range(40)]
+    assert leaf_hashes(iter(entries)) == [leaf_hash(entry) for entry in entries]
+    assert leaf_hashes([]) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 7, 8, 9, 300])
+def test_parent_level_pairs_neighbours_and_leaves_an_odd_last_hash_alone(size: int) -> None:
+    level = list(LEAVES[:size])
+    assert parent_level(level) == [ref_mth(LEAVES[i : i + 2]) for i in range(0, size - 1, 2)]
+
+
+def test_frontier_node_ids_name_the_subtrees_a_frontier_holds() -> None:
+    levels = InMemoryNodeSource.from_leaf_hashes(LEAVES)
+    for size in range(301):
+        ids = frontier_node_ids(size)
+        assert [node.level for node in ids] == sorted(
+            (bit for bit in range(9) if size >> bit & 1), reverse=True
+        )
+        assert Frontier.load(size, levels) == Frontier().extend(LEAVES[:size])
+    with pytest.raises(ProofError):
+        frontier_node_ids(-1)
 
 
 def test_appends_report_every_perfect_subtree_exactly_once() -> None:
