@@ -105,6 +105,11 @@ def test_archived_exams_are_hidden_by_default_and_kept(world: World) -> None:
         world.client.delete(f"/api/v1/exams/{exam}/archive", headers=world.admin).json()["archived_at"]
         is None
     )
+    with world.runtime.db.transaction() as session:
+        actions = list(session.scalars(select(AuditRecord.action).where(AuditRecord.object_id == exam)))
+    assert AuditAction.EXAM_ARCHIVE.value in actions
+    assert AuditAction.EXAM_UNARCHIVE.value in actions
+    assert AuditAction.EXAM_VIEW.value in actions
 
 
 def test_comments_are_sealed_and_edited_by_their_authors_only(world: World) -> None:
@@ -227,3 +232,12 @@ def test_delete_respects_legal_hold_and_retention_then_shreds_the_emptied_patien
             assert phi.scalar(select(func.count()).select_from(PhiPatient)) == 0
             assert phi.scalar(select(func.count()).select_from(PhiPatientToken)) == 0
         assert [key for key in runtime.store.keys() if key.startswith("instance/")] == []  # noqa: SIM118  # an ObjectStore
+        with runtime.db.transaction() as session:
+            actions = set(
+                session.scalars(select(AuditRecord.action).where(AuditRecord.object_id == first.study_id))
+            )
+        assert {
+            AuditAction.EXAM_LEGAL_HOLD.value,
+            AuditAction.EXAM_LEGAL_HOLD_RELEASE.value,
+            AuditAction.EXAM_DELETE.value,
+        } <= actions
