@@ -13,6 +13,7 @@ import base64
 import hashlib
 import ssl
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -143,10 +144,12 @@ class ServerClient:
         *,
         headers: dict[str, str] | None = None,
         json: Any = None,  # noqa: ANN401  # a JSON body
-        content: bytes | None = None,
+        body: Callable[[], Iterable[bytes]] | None = None,
         authenticated: bool = True,
     ) -> httpx.Response:
-        """Send one request with a fresh proof; retried once for a nonce or a new token."""
+        """Send one request with a fresh proof; retried once for a nonce or a new token
+        (``body`` makes the streamed body again for each try).
+        """
         url = self.url(path)
         response: httpx.Response | None = None
         for attempt in range(3):
@@ -155,6 +158,7 @@ class ServerClient:
             sent["DPoP"] = self.key.proof(method, url, token=token, nonce=self.nonce)
             if token is not None:
                 sent["Authorization"] = f"DPoP {token}"
+            content = body() if body is not None else None
             response = self.http.request(method, url, headers=sent, json=json, content=content)
             if "dpop-nonce" in response.headers:
                 self.nonce = response.headers["dpop-nonce"]
@@ -208,16 +212,20 @@ class ServerClient:
             raise _error(response)
         return int(response.headers["upload-offset"])
 
-    def send_chunk(self, upload_url: str, offset: int, data: bytes) -> int:
-        """PATCH one chunk; returns the server's new offset."""
-        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+    def send_chunk(
+        self, upload_url: str, offset: int, length: int, checksum: bytes, body: Callable[[], Iterable[bytes]]
+    ) -> int:
+        """PATCH ``length`` bytes that ``body()`` yields (its SHA-256 is ``checksum``),
+        streamed; returns the server's new offset.
+        """
         headers = {
             "Tus-Resumable": TUS_VERSION,
             "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(length),
             "Upload-Offset": str(offset),
-            "Upload-Checksum": f"sha256 {checksum}",
+            "Upload-Checksum": "sha256 " + base64.b64encode(checksum).decode("ascii"),
         }
-        response = self.request("PATCH", upload_url, headers=headers, content=data)
+        response = self.request("PATCH", upload_url, headers=headers, body=body)
         if response.status_code != 204:  # noqa: PLR2004
             raise _error(response)
         return int(response.headers["upload-offset"])

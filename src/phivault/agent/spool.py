@@ -165,13 +165,18 @@ class Spool:
 
     def read(self, item: Item, offset: int, length: int) -> bytes:
         """Plaintext ``[offset, offset + length)`` of a queued item, authenticated."""
+        return b"".join(self.iter_range(item, offset, length))
+
+    def iter_range(self, item: Item, offset: int, length: int) -> Iterator[bytes]:
+        """Plaintext ``[offset, offset + length)`` a segment at a time (memory stays at one
+        segment whatever the length); every piece authenticated before it is yielded.
+        """
         if offset < 0 or length < 0 or offset + length > item.size:
             msg = "range outside the item"
             raise ValueError(msg)
         total = _segments(item.size)
         first = min(offset // SEGMENT, total - 1)
         last = total - 1 if offset + length >= item.size else (offset + length - 1) // SEGMENT
-        parts = []
         with self.blob_path(item.id).open("rb") as handle:
             header = handle.read(_HEADER.size)
             if len(header) != _HEADER.size or header[:8] != MAGIC:
@@ -183,12 +188,14 @@ class Spool:
             if os.fstat(handle.fileno()).st_size != expected:
                 raise SpoolError("a spool file has the wrong length")
             handle.seek(_HEADER.size + first * (SEGMENT + TAG))
+            end = offset + length
             for index in range(first, last + 1):
-                plain = min(SEGMENT, item.size - index * SEGMENT)
-                parts.append(cipher.open(index, handle.read(plain + TAG), final=index == total - 1))
-        data = b"".join(parts)
-        start = offset - first * SEGMENT
-        return data[start : start + length]
+                start = index * SEGMENT
+                plain = min(SEGMENT, item.size - start)
+                data = cipher.open(index, handle.read(plain + TAG), final=index == total - 1)
+                piece = data[max(0, offset - start) : min(plain, end - start)]
+                if piece:
+                    yield piece
 
     def verify(self, item: Item) -> bool:
         """Decrypt the whole item and compare its digest with the record's."""

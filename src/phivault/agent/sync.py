@@ -11,11 +11,14 @@ for this run (quota) or for good (the content was refused: kept, reported by ``s
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, Final
 
 import httpx
@@ -23,7 +26,7 @@ import httpx
 from phivault.agent.client import ServerClient, ServerError
 from phivault.agent.spool import Item, Spool, SpoolError, State
 
-DEFAULT_CHUNK: Final = 8 * 1024 * 1024
+DEFAULT_CHUNK: Final = 16 * 1024 * 1024
 _RESTART_CODES: Final = frozenset({"upload_digest_mismatch", "integrity_check_failed", "upload_expired"})
 _WAIT_CODES: Final = frozenset({"upload_finalizing", "rate_limited", "database_unavailable"})
 _FATAL_CODES: Final = frozenset({"device_revoked", "device_not_activated"})
@@ -60,6 +63,8 @@ class ItemResult:
     attempts: int = 0
     receipt_status: str | None = None
     error: str | None = None
+    upload_seconds: float = 0.0  # sending chunks, in this run
+    finalize_seconds: float = 0.0  # the server checking and ingesting the whole
 
 
 @dataclass
@@ -83,7 +88,14 @@ class SyncReport:
             "unconfirmed": self.unconfirmed,
             "bytes_sent": sent,
             "seconds": round(self.seconds, 3),
-            "items": [vars(item) for item in self.items],
+            "items": [
+                {
+                    **vars(item),
+                    "upload_seconds": round(item.upload_seconds, 3),
+                    "finalize_seconds": round(item.finalize_seconds, 3),
+                }
+                for item in self.items
+            ],
         }
 
 
@@ -208,20 +220,55 @@ class Syncer:
         else:
             url, offset = item.upload_url, self.client.offset(item.upload_url)
         self.progress.start(item, offset)
-        while offset < item.size:
-            length = min(self.options.chunk_size, item.size - offset)
-            data = self.spool.read(item, offset, length)
-            self.throttle.wait(length)
-            try:
-                new_offset = self.client.send_chunk(url, offset, data)
-            except ServerError as exc:
-                if exc.code != "upload_offset_mismatch":
-                    raise
-                new_offset = int(exc.headers.get("upload-offset", offset))  # resume where it is
-            result.sent_bytes += max(0, new_offset - offset)
-            self.progress.advance(item, new_offset - offset)
-            offset = new_offset
-        return self._finalize(item, url, result)
+        began = time.monotonic()
+        # The next chunk's checksum is computed while the current one travels.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as pool:
+            sums: dict[tuple[int, int], Future[bytes]] = {}
+            while offset < item.size:
+                length = min(self.options.chunk_size, item.size - offset)
+                checksum = self._checksum(pool, sums, item, offset, length).result()
+                following = offset + length
+                if following < item.size:
+                    self._checksum(
+                        pool, sums, item, following, min(self.options.chunk_size, item.size - following)
+                    )
+                self.throttle.wait(length)
+                try:
+                    new_offset = self.client.send_chunk(
+                        url, offset, length, checksum, partial(self.spool.iter_range, item, offset, length)
+                    )
+                except ServerError as exc:
+                    if exc.code != "upload_offset_mismatch":
+                        raise
+                    new_offset = int(exc.headers.get("upload-offset", offset))  # resume where it is
+                result.sent_bytes += max(0, new_offset - offset)
+                self.progress.advance(item, new_offset - offset)
+                sums.pop((offset, length), None)
+                offset = new_offset
+        result.upload_seconds += time.monotonic() - began
+        began = time.monotonic()
+        try:
+            return self._finalize(item, url, result)
+        finally:
+            result.finalize_seconds += time.monotonic() - began
+
+    def _checksum(
+        self,
+        pool: ThreadPoolExecutor,
+        sums: dict[tuple[int, int], Future[bytes]],
+        item: Item,
+        offset: int,
+        length: int,
+    ) -> Future[bytes]:
+        if (offset, length) not in sums:
+            sums[(offset, length)] = pool.submit(self._digest, item, offset, length)
+        return sums[(offset, length)]
+
+    def _digest(self, item: Item, offset: int, length: int) -> bytes:
+        digest = hashlib.sha256()
+        for piece in self.spool.iter_range(item, offset, length):
+            digest.update(piece)
+        return digest.digest()
 
     def _finalize(self, item: Item, url: str, result: ItemResult) -> Item:
         try:

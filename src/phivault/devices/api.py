@@ -14,7 +14,10 @@ import binascii
 from email.utils import format_datetime
 from typing import Annotated
 
+import anyio
 import anyio.from_thread
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
@@ -49,6 +52,7 @@ UploadId = Annotated[str, Path(min_length=1, max_length=64)]
 DeviceManager = Annotated[Principal, Depends(require(Permission.DEVICE_MANAGE))]
 CHUNK_MEDIA_TYPE = "application/offset+octet-stream"
 _READ_AHEAD = 1 << 20
+_BODY_QUEUE = 64  # pieces as the server receives them (≤ 64 KiB each): a few MiB ahead
 _MAX_HEADER_NUMBER = 20  # digits: more than any file
 
 
@@ -212,25 +216,23 @@ def get_upload(upload_id: UploadId, principal: DevicePrincipal, runtime: Runtime
 
 
 class _RequestBody:
-    """The request body as a blocking ``read`` for the worker thread the route runs in:
-    each refill hops to the event loop once and gathers about a megabyte.
+    """The request body as a blocking ``read`` for the worker thread that stores the chunk,
+    fed by a task on the event loop that keeps receiving meanwhile (bounded: a few MiB):
+    the network and the encryption and disk write overlap. Each read hops to the loop once
+    and gathers about a megabyte.
     """
 
-    def __init__(self, request: Request) -> None:
-        self._chunks = request.stream().__aiter__()
+    def __init__(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
+        self._receive = receive
         self._buffer = bytearray()
         self._done = False
 
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size and not self._done:
             try:
-                chunk = await self._chunks.__anext__()
-            except StopAsyncIteration:
+                self._buffer += await self._receive.receive()
+            except anyio.EndOfStream:
                 self._done = True
-            except ClientDisconnect:
-                raise ChunkLengthInvalid("the connection closed before the chunk was complete") from None
-            else:
-                self._buffer += chunk
 
     def read(self, size: int, /) -> bytes:
         if len(self._buffer) < size and not self._done:
@@ -240,8 +242,18 @@ class _RequestBody:
         return data
 
 
+async def _pump(request: Request, send: MemoryObjectSendStream[bytes]) -> None:
+    async with send:
+        try:
+            async for piece in request.stream():
+                if piece:
+                    await send.send(piece)
+        except ClientDisconnect:
+            return  # the reader sees a short body: the chunk is refused and nothing kept
+
+
 @router.patch("/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT)
-def upload_chunk(  # noqa: PLR0913  # tus speaks in headers
+async def upload_chunk(  # noqa: PLR0913  # tus speaks in headers
     upload_id: UploadId,
     request: Request,
     principal: DevicePrincipal,
@@ -272,10 +284,25 @@ def upload_chunk(  # noqa: PLR0913  # tus speaks in headers
         raise InvalidInput("Upload-Checksum is `sha256 <base64 of 32 bytes>`") from None
     if checksum is None:
         raise ChecksumRequired
-    info = runtime.uploads.append(
-        principal, upload_id, offset=offset, length=length, checksum=checksum, body=_RequestBody(request)
-    )
-    return Response(status_code=status.HTTP_204_NO_CONTENT, headers=_tus_headers(request, info))
+    send, receive = anyio.create_memory_object_stream[bytes](_BODY_QUEUE)
+
+    def store() -> UploadInfo:
+        return runtime.uploads.append(
+            principal, upload_id, offset=offset, length=length, checksum=checksum, body=_RequestBody(receive)
+        )
+
+    outcome: UploadInfo | Exception
+    with receive:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_pump, request, send)
+            try:
+                outcome = await anyio.to_thread.run_sync(store)
+            except Exception as exc:  # noqa: BLE001  # raised below, outside the task group
+                outcome = exc
+            tasks.cancel_scope.cancel()  # a refused chunk is not read to its end
+    if isinstance(outcome, Exception):
+        raise outcome
+    return Response(status_code=status.HTTP_204_NO_CONTENT, headers=_tus_headers(request, outcome))
 
 
 @router.post("/uploads/{upload_id}/finalize", response_model=ReceiptOut)

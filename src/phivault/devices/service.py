@@ -525,8 +525,7 @@ class Devices:
             return session.get(DeviceToken, token_digest(token)) is not None
 
     def current_nonce(self) -> str:
-        with self.db.transaction() as session:
-            return self._nonces(session).current(self.clock.now().timestamp())
+        return (self._nonce_maker or self._load_nonces()).current(self.clock.now().timestamp())
 
     def _checked_proof(
         self,
@@ -560,8 +559,7 @@ class Devices:
         if dpop.normalise_htu(proof.htu) not in target.urls:
             raise ProofUrlMismatch
         moment = now.timestamp()
-        with self.db.transaction() as session:
-            nonces = self._nonces(session)
+        nonces = self._nonce_maker or self._load_nonces()
         if proof.nonce is None or not nonces.valid(proof.nonce, moment, self.settings.max_clock_skew_seconds):
             raise NonceRequired(nonces.current(moment))
         if abs(proof.iat - moment) > self.proof_max_age:
@@ -611,6 +609,10 @@ class Devices:
             )
             refusal.headers.setdefault("DPoP-Nonce", self._nonces(session).current(now.timestamp()))
         return refusal
+
+    def _load_nonces(self) -> dpop.NonceMaker:
+        with self.db.transaction() as session:
+            return self._nonces(session)
 
     def _nonces(self, session: Session) -> dpop.NonceMaker:
         with self._lock:

@@ -31,7 +31,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -183,15 +183,15 @@ def _object_prefix(upload_id: str) -> str:
 
 
 class _ChunkBody:
-    """The body of one PATCH, read through: counts, hashes, and refuses more or fewer
-    bytes than the declared ``Content-Length`` (so a short body never becomes a chunk).
+    """The body of one PATCH, read through: counts, and refuses more or fewer bytes than
+    the declared ``Content-Length`` (so a short body never becomes a chunk). The SHA-256
+    is taken by the object writer on the same pass.
     """
 
     def __init__(self, source: ReadableStream, expected: int) -> None:
         self._source = source
         self._expected = expected
         self.count = 0
-        self.digest = hashlib.sha256()
 
     def read(self, size: int, /) -> bytes:
         want = min(size if size >= 0 else HASH_BLOCK, self._expected - self.count)
@@ -200,12 +200,9 @@ class _ChunkBody:
                 raise ChunkLengthInvalid
             return b""
         data = self._source.read(want)
-        if not data:
-            raise ChunkLengthInvalid  # the body ended before Content-Length
-        if len(data) > want:
-            raise ChunkLengthInvalid
+        if not data or len(data) > want:
+            raise ChunkLengthInvalid  # the body ended before Content-Length (or ran past it)
         self.count += len(data)
-        self.digest.update(data)
         return data
 
 
@@ -492,10 +489,9 @@ class Uploads:
                 session,
                 ObjectContext(upload.institution_id, upload.patient_key_id, f"{OBJECT_KIND}/{upload.id}"),
             )
-        chunk = _ChunkBody(body, length)
         # An exception here (a short body, a dropped connection) leaves nothing: put is atomic.
-        pending.write(self.store, chunk)
-        received = chunk.digest.digest()
+        written = pending.write(self.store, _ChunkBody(body, length))
+        received = bytes.fromhex(written.sha256)
         if not secrets.compare_digest(received, checksum):
             self.store.delete(pending.key)
             raise ChunkChecksumMismatch
@@ -626,7 +622,8 @@ class Uploads:
         stream.seek(0)
         origin = IngestOrigin(institution_id, principal, IngestChannel.UPLOAD, device_id=device_id)
         try:
-            receipt = self._pipeline().ingest(stream, origin, context=context)
+            # A seekable binary stream, as the pipeline wants (not typed as BinaryIO by io).
+            receipt = self._pipeline().ingest(cast("BinaryIO", stream), origin, context=context)
         except DicomRejected as exc:
             self._end(
                 principal,
