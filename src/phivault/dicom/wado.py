@@ -10,6 +10,7 @@ pixel rules). Every answer carries a strong ETag; ``If-None-Match`` answers 304.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Final
@@ -35,6 +36,7 @@ from phivault.dicom.render import (
     decode_frame,
     render,
 )
+from phivault.exams.egress import EgressBlocked
 from phivault.exams.reading import InstanceReading, Retrieval
 from phivault.http.deps import RequestContextDep, RuntimeDep, require
 from phivault.http.problems import Problem
@@ -159,9 +161,28 @@ def _multipart(parts: Iterator[tuple[str, Iterator[bytes]]], part_type: str, eta
     )
 
 
-def _dicom_parts(runtime: Runtime, retrieval: Retrieval) -> Iterator[tuple[str, Iterator[bytes]]]:
+def _dicom_parts(
+    runtime: Runtime, retrieval: Retrieval, context: RequestContext
+) -> Iterator[tuple[str, Iterator[bytes]]]:
     for reading in runtime.reading.readings(retrieval):
-        yield f"{DICOM}; transfer-syntax={reading.instance.transfer_syntax_uid}", reading.iter_dicom()
+        yield (
+            f"{DICOM}; transfer-syntax={reading.instance.transfer_syntax_uid}",
+            _egress(runtime, retrieval, reading, context),
+        )
+
+
+def _egress(
+    runtime: Runtime, retrieval: Retrieval, reading: InstanceReading, context: RequestContext
+) -> Iterator[bytes]:
+    """A de-identified instance goes through the egress guard (exams/egress.py): a hit cuts
+    the transfer before any byte of the value and raises the alert; re-identified ones are
+    PHI by design.
+    """
+    if reading.reidentified:
+        return reading.iter_dicom()
+    return runtime.shares.screened_download(
+        retrieval.principal, retrieval.study, reading.instance.id, reading.iter_dicom(), context=context
+    )
 
 
 def _retrieve(
@@ -187,8 +208,15 @@ def _retrieve(
         headers = {"ETag": etag, "Vary": "Accept, Authorization"}
         if reading.size is not None:
             headers["Content-Length"] = str(reading.size)
-        return StreamingResponse(reading.iter_dicom(), media_type=DICOM, headers=headers)
-    return _multipart(_dicom_parts(runtime, retrieval), DICOM, etag)
+        chunks = _egress(runtime, retrieval, reading, context)
+        try:
+            first = next(chunks, b"")
+        except EgressBlocked:
+            raise Problem(
+                451, "egress_blocked", "this instance was withheld: see the security alert"
+            ) from None
+        return StreamingResponse(itertools.chain([first], chunks), media_type=DICOM, headers=headers)
+    return _multipart(_dicom_parts(runtime, retrieval, context), DICOM, etag)
 
 
 @router.get("/studies/{study}", summary="Retrieve a study (WADO-RS)", responses=_MULTIPART_DOC)

@@ -554,8 +554,11 @@ class ShareService:
 
     def guard(self, opened: OpenShare, instance_ids: Iterable[str]) -> EgressGuard:
         """The egress guard for what ``opened`` sends of ``instance_ids`` (egress.py)."""
+        return self.guard_for(opened.study, instance_ids)
+
+    def guard_for(self, study: Study, instance_ids: Iterable[str]) -> EgressGuard:
+        """The egress guard of ``study``'s patient and of ``instance_ids`` (egress.py)."""
         reader = self.reader
-        study = opened.study
         values: list[str] = []
         ids = sorted(set(instance_ids))
         records = []
@@ -622,6 +625,44 @@ class ShareService:
                     now=now,
                     context=context,
                 )
+
+    def screened_download(
+        self,
+        principal: Principal,
+        study: Study,
+        instance_id: str,
+        chunks: Iterable[bytes],
+        *,
+        context: RequestContext,
+    ) -> Iterator[bytes]:
+        """A de-identified instance downloaded by a signed-in principal without ``phi:read``
+        (WADO-RS), through the egress guard: on a hit the alert is raised (logged, and
+        ``egress.block`` naming the instance and the patient), then ``EgressBlocked``.
+        """
+        guard = self.guard_for(study, [instance_id])
+        try:
+            yield from guard.screen(chunks)
+        except EgressBlocked:
+            log.error(  # noqa: TRY400  # no traceback: the alert names ids only
+                "SECURITY ALERT: egress guard blocked a de-identified download of instance %s "
+                "of institution %s (patient %s): PHI in outgoing bytes",
+                instance_id,
+                study.institution_id,
+                study.patient_ref,
+            )
+            now = self._clock_now
+            with self.reader.db.transaction() as session:
+                for target in (Target("instance", instance_id), Target("patient", study.patient_ref)):
+                    record(
+                        session,
+                        AuditAction.EGRESS_BLOCK,
+                        principal,
+                        target,
+                        Outcome.DENIED,
+                        now=now,
+                        context=context,
+                    )
+            raise
 
 
 def _name_parts(name: str) -> list[str]:

@@ -278,3 +278,29 @@ def test_an_e_mailed_link_is_made_by_the_job_and_never_queued(runtime: Runtime) 
     link = next(line for line in body.splitlines() if "/share/" in line)
     assert world.client.get(link[link.index("/share/") :]).status_code == 200
     assert PATIENT_NAME not in body
+
+
+def test_a_de_identified_wado_download_holding_phi_is_withheld(runtime: Runtime) -> None:
+    allowed = {"group": 9, "creator": PRIVATE_CREATOR, "element": 1}
+    world = _world(runtime, policy={"private_allow_list": [allowed]})
+    exams = ExamsFactory(runtime)
+    admin = exams.accounts.member(Role.INSTITUTION_ADMIN, world.study.institution_id, mfa=True)
+    headers = bearer(exams.accounts.session_for(admin, mfa=True)[0])  # exam:read without phi:read
+    receipt = world.study.receipts[0]
+    url = (
+        f"/dicomweb/studies/{receipt.study_instance_uid}/series/{receipt.series_instance_uid}"
+        f"/instances/{receipt.sop_instance_uid}"
+    )
+    withheld = world.client.get(url, headers={**headers, "Accept": "application/dicom"})
+    assert (withheld.status_code, withheld.json()["code"]) == (451, "egress_blocked")
+    assert b"Zelphine" not in withheld.content
+    # A PHI reader gets the re-identified instance: PHI by design, not a leak.
+    assert (
+        world.client.get(url, headers={**world.clinician, "Accept": "application/dicom"}).status_code == 200
+    )
+    with runtime.db.transaction() as session:
+        blocks = session.scalars(select(AuditRecord).where(AuditRecord.action == "egress.block")).all()
+    assert {(r.object_type, r.actor_id) for r in blocks} == {
+        ("instance", admin.user_id),
+        ("patient", admin.user_id),
+    }
