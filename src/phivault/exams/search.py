@@ -56,6 +56,8 @@ from phivault.exams.reading import (
 from phivault.exams.secrets import IngestSecret
 
 MAX_CANDIDATES: Final = 30_000  # studies or patients matched on the PHI side before paging
+MAX_NAME_PATTERN: Final = 200  # characters: five PN components of 64 would not fit anyway
+MAX_NAME_WILDCARDS: Final = 8
 _IN_CHUNK: Final = 5_000
 _DATE: Final = re.compile(r"^\d{8}$")
 _UID: Final = re.compile(r"^[0-9.]{1,64}$")
@@ -483,6 +485,12 @@ class Searcher:
             issuer = query.value(ISSUER) if ISSUER in query.matches else None
             found = self.patients_with_id(phi_session, institution_id, patient_id, issuer=issuer)
         name = query.value(PATIENT_NAME)
+        if len(name) > MAX_NAME_PATTERN or name.count("*") + name.count("?") > MAX_NAME_WILDCARDS:
+            # Bounds the regular expression that checks candidates (no catastrophic backtracking).
+            raise InvalidRequest(
+                "invalid_query_parameter",
+                f"a PatientName is at most {MAX_NAME_PATTERN} characters with {MAX_NAME_WILDCARDS} wildcards",
+            )
         if name:
             try:
                 plan = name_query(secret, name, fuzzy=query.fuzzy)

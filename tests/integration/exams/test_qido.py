@@ -226,6 +226,8 @@ INVALID = (
     ("StudyInstanceUID=abc", "invalid_query_parameter"),
     ("PatientID=1&PatientID=2", "invalid_query_parameter"),
     ("ModalitiesInStudy=U%25S", "invalid_query_parameter"),
+    ("PatientName=" + "*ab" * 9, "invalid_query_parameter"),
+    ("PatientName=" + "x" * 201, "invalid_query_parameter"),
 )
 
 
