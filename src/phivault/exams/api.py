@@ -4,7 +4,7 @@ hold and deletion. Thin: the logic is ``exams/service.py`` (``runtime.exams``).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response, status
@@ -47,8 +47,17 @@ def list_exams(  # noqa: PLR0913  # the filters are query parameters
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> ExamPageOut:
-    filters = ExamFilter(archived, modality, patient, patient_id, created_from, created_to, limit, offset)
+    filters = ExamFilter(
+        archived, modality, patient, patient_id, _utc(created_from), _utc(created_to), limit, offset
+    )
     return ExamPageOut.of(runtime.exams.search(principal, filters, context=context))
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time without an offset is read as UTC (ISO 8601 leaves it local; the server has none)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 @router.get("/{exam_id}", response_model=ExamDetailOut, summary="An exam, its series and comment count")

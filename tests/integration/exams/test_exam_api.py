@@ -85,6 +85,13 @@ def test_list_and_detail_show_phi_to_phi_readers_only(world: World) -> None:
     assert len(mine["items"]) == 2
     assert world.client.get(f"/api/v1/exams?patient_id={PATIENT_ID}", headers=world.admin).status_code == 403
     assert world.client.get("/api/v1/exams?modality=CT", headers=world.clinician).json()["items"] == []
+    for window, found in (
+        ("created_from=2025-12-31T00:00:00", 2),
+        ("created_to=2025-12-31T00:00:00%2B00:00", 0),
+    ):
+        answer = world.client.get(f"/api/v1/exams?{window}", headers=world.clinician)
+        assert len(answer.json()["items"]) == found, answer.text
+    assert world.client.get("/api/v1/exams?modality=U%25", headers=world.clinician).status_code == 400
     assert world.client.get("/api/v1/exams", headers=world.stranger).json()["items"] == []
     foreign = world.client.get(f"/api/v1/exams/{world.first.study_id}", headers=world.stranger)
     assert (foreign.status_code, problem(foreign)["code"]) == (404, "not_found")
