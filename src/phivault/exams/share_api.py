@@ -68,6 +68,24 @@ _IMAGE_DOC: Final = {
         "content": {JPEG: {"schema": {"type": "string", "format": "binary"}}, PNG: {}},
     }
 }
+_PASSCODE_FORM: Final = {
+    "description": "the link has a passcode: a form for browsers (JSON: problem `passcode_required`)",
+    "content": {"text/html": {"schema": {"type": "string"}}},
+}
+_PAGE_DOC: Final = {
+    200: {
+        "description": "the shared exam",
+        "content": {
+            "text/html": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object", "description": "SharePageOut"}},
+        },
+    },
+    401: _PASSCODE_FORM,
+}
+_PASSCODE_DOC: Final = {
+    303: {"description": "the passcode is right: back to the link, with its cookie"},
+    401: _PASSCODE_FORM,
+}
 _DICOM_DOC: Final = {
     200: {
         "description": "the de-identified instance (download links only)",
@@ -130,6 +148,7 @@ def _wants_json(request: Request) -> bool:
     "/{token}",
     summary="A shared exam: its de-identified series and instances (HTML, or JSON when asked)",
     response_class=HTMLResponse,
+    responses=_PAGE_DOC,  # type: ignore[arg-type]
 )
 def share_page(token: Token, request: Request, runtime: RuntimeDep, context: RequestContextDep) -> Response:
     try:
@@ -155,6 +174,7 @@ def share_page(token: Token, request: Request, runtime: RuntimeDep, context: Req
     summary="Enter a share link's passcode (form field `passcode`); sets a cookie for the link",
     response_class=HTMLResponse,
     status_code=303,
+    responses=_PASSCODE_DOC,  # type: ignore[arg-type]
 )
 async def share_passcode(
     token: Token, request: Request, runtime: RuntimeDep, context: RequestContextDep

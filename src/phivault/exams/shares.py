@@ -42,6 +42,7 @@ from phivault.audit.actions import ActorType, AuditAction, Outcome
 from phivault.audit.service import Actor, RequestContext, SystemSubject, Target, record
 from phivault.config.settings import Settings
 from phivault.db.jobs import JobContext, JobError, JobRegistry, enqueue
+from phivault.dicom.layout import FramesUnavailable, LayoutError
 from phivault.dicom.render import RenderingUnavailable, RenderOptions, decode_frame, render
 from phivault.exams.egress import EgressBlocked, EgressGuard, record_values
 from phivault.exams.errors import InvalidRequest, NotFound
@@ -544,6 +545,8 @@ class ShareService:
             (data,) = reading.frames([frame])
         except IndexError:
             raise InvalidRequest("frame_out_of_range", "the instance has fewer frames") from None
+        except (FramesUnavailable, LayoutError):
+            raise InvalidRequest("rendering_unavailable", "this instance cannot be rendered") from None
         try:
             array = decode_frame(reading.layout.header, data, reading.instance.transfer_syntax_uid)
             return render(reading.layout.header, array, options)
