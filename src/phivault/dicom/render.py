@@ -140,6 +140,14 @@ def _colour(header: Dataset, array: np.ndarray) -> np.ndarray:
 
 def render(header: Dataset, array: np.ndarray, options: RenderOptions) -> bytes:
     """The frame ``array`` of ``header``'s image as ``options.media_type`` bytes."""
+    try:
+        return _render(header, array, options)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as exc:
+        # An attribute this rendering reads is missing or out of range (a LUT, a window).
+        raise RenderingUnavailable("this frame cannot be rendered") from exc
+
+
+def _render(header: Dataset, array: np.ndarray, options: RenderOptions) -> bytes:
     photometric = str(header.get("PhotometricInterpretation", ""))
     if photometric.startswith("MONOCHROME"):
         image = Image.fromarray(_grayscale(header, array, options.window))
