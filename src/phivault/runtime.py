@@ -31,8 +31,15 @@ from phivault.crypto.service import KeyHierarchy
 from phivault.db.engine import Database
 from phivault.db.jobs import JobContext, JobRegistry, Worker
 from phivault.db.migrate import upgrade_all
+from phivault.devices.service import HOUSEKEEPING_JOB, Devices
+from phivault.devices.uploads import Uploads
+from phivault.exams.exports import ExportService, PacsDestinations
 from phivault.exams.ingest import IngestService
 from phivault.exams.quarantine import Quarantine
+from phivault.exams.reading import ExamReader
+from phivault.exams.search import Searcher
+from phivault.exams.service import ExamService
+from phivault.exams.shares import ShareService
 from phivault.exams.sweeper import SWEEP_JOB, Sweeper, ensure_scheduled, sweep_job_handler
 from phivault.storage.base import ObjectStore
 from phivault.storage.factory import open_object_store
@@ -64,6 +71,48 @@ class Runtime:
     def ingest(self) -> IngestService:
         """The one ingest pipeline (STOW-RS, C-STORE, device uploads)."""
         return IngestService(self.settings, self.db, self.phi_db, self.store, self.keys, self.clock)
+
+    @cached_property
+    def reading(self) -> ExamReader:
+        """The read core: finds, opens and re-identifies exams for every read path."""
+        ingest = self.ingest
+        return ExamReader(self.db, self.phi_db, self.store, self.keys, ingest.secrets, ingest.phi, self.clock)
+
+    @cached_property
+    def search(self) -> Searcher:
+        """QIDO-RS searches over the index and the PHI store's blind indexes."""
+        return Searcher(self.reading, max_date_range_days=self.settings.qido_max_date_range_days)
+
+    @cached_property
+    def exams(self) -> ExamService:
+        """The exam API: list, detail, comments, archive, legal hold, deletion."""
+        retention = timedelta(days=self.settings.exam_retention_days)
+        return ExamService(self.reading, self.search, retention=retention)
+
+    @cached_property
+    def shares(self) -> ShareService:
+        """Share links: de-identified exams outside the institution, behind the egress guard."""
+        accounts, policies = self.accounts, self.ingest.policies
+        return ShareService(self.settings, self.reading, policies, accounts.hasher, accounts.mailer)
+
+    @cached_property
+    def pacs_destinations(self) -> PacsDestinations:
+        return PacsDestinations(self.reading)
+
+    @cached_property
+    def exports(self) -> ExportService:
+        """Export to PACS: re-identified instances sent with C-STORE by a job."""
+        return ExportService(self.settings, self.reading)
+
+    @cached_property
+    def devices(self) -> Devices:
+        """Activation codes, device tokens, and the authentication of device requests."""
+        return Devices(self.settings, self.db, self.clock, self.keyring)
+
+    @cached_property
+    def uploads(self) -> Uploads:
+        """Resumable uploads of devices, finalized into the ingest pipeline."""
+        return Uploads(self.settings, self.db, self.clock, self.keys, self.store, self.devices, self.ingest)
 
     @cached_property
     def quarantine(self) -> Quarantine:
@@ -127,6 +176,8 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     _register_jobs(runtime)
     runtime.accounts = Accounts(settings, db, clock, keyring)
     runtime.accounts.register_jobs(runtime.jobs)
+    runtime.shares.register_jobs(runtime.jobs)  # after accounts: shares use its hasher and mailer
+    runtime.exports.register_jobs(runtime.jobs)
     return runtime
 
 
@@ -193,6 +244,7 @@ def _register_jobs(runtime: Runtime) -> None:
 
     runtime.jobs.register(SELFTEST_JOB, selftest)
     runtime.jobs.register(ROTATION_JOB, rotation_job_handler(runtime.keys))
+    runtime.jobs.register(HOUSEKEEPING_JOB, runtime.uploads.housekeeping_job)
     runtime.jobs.register(
         SWEEP_JOB,
         sweep_job_handler(runtime.sweeper, timedelta(seconds=runtime.settings.ingest_sweep_interval_seconds)),

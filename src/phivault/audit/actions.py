@@ -54,6 +54,44 @@ class AuditAction(StrEnum):
     QUARANTINE_REJECT = "quarantine.reject"
     INGEST_POLICY_UPDATE = "ingest_policy.update"
     PHI_SWEEP = "phi.sweep"
+    # dicom nodes (the C-STORE SCP's callers; ids and AE titles, never instance values)
+    DICOM_NODE_CREATE = "dicom_node.create"
+    DICOM_NODE_DELETE = "dicom_node.delete"
+    DICOM_ASSOCIATION_REJECT = "dicom_association.reject"
+    # devices (ids only: never a code, token or proof)
+    DEVICE_CODE_CREATE = "device.code_create"
+    DEVICE_ACTIVATE = "device.activate"
+    DEVICE_REVOKE = "device.revoke"
+    DEVICE_PROOF_FAIL = "device.proof_fail"
+    UPLOAD_CREATE = "upload.create"
+    UPLOAD_FINALIZE = "upload.finalize"
+    UPLOAD_CANCEL = "upload.cancel"
+    UPLOAD_EXPIRE = "upload.expire"
+    # exams: reading (ids only: the study, series, instance, comment; patients by pseudonym)
+    EXAM_SEARCH = "exam.search"
+    EXAM_VIEW = "exam.view"
+    EXAM_DOWNLOAD = "exam.download"
+    EXAM_ARCHIVE = "exam.archive"
+    EXAM_UNARCHIVE = "exam.unarchive"
+    EXAM_LEGAL_HOLD = "exam.legal_hold"
+    EXAM_LEGAL_HOLD_RELEASE = "exam.legal_hold_release"
+    EXAM_DELETE = "exam.delete"
+    EXAM_COMMENT_CREATE = "exam.comment_create"
+    EXAM_COMMENT_UPDATE = "exam.comment_update"
+    EXAM_COMMENT_DELETE = "exam.comment_delete"
+    PHI_READ = "phi.read"
+    # exams: sharing and export (ids only: the share, export, destination; patients by pseudonym)
+    SHARE_CREATE = "share.create"
+    SHARE_USE = "share.use"  # each request through a link; a wrong passcode is outcome denied
+    SHARE_REVOKE = "share.revoke"
+    EGRESS_BLOCK = "egress.block"  # the egress guard found PHI in outgoing bytes: a security alert
+    PACS_DESTINATION_CREATE = "pacs_destination.create"
+    PACS_DESTINATION_UPDATE = "pacs_destination.update"
+    PACS_DESTINATION_DELETE = "pacs_destination.delete"
+    EXPORT_CREATE = "export.create"
+    EXPORT_COMPLETE = "export.complete"
+    EXPORT_FAIL = "export.fail"
+    PHI_EXPORT = "phi.export"  # re-identified instances of a patient sent to a PACS
 
 
 class Outcome(StrEnum):

@@ -47,6 +47,9 @@ from phivault.crypto.rotation import (
     run_rotation_batch,
     start_rotation,
 )
+from phivault.devices.errors import DevicesError
+from phivault.dicom.errors import DicomNodeError
+from phivault.dicom.nodes import DicomNodes, NodeInfo
 from phivault.runtime import Runtime, build_runtime, initialise, umask_owner_only
 
 app = typer.Typer(
@@ -152,11 +155,12 @@ def serve(
     except KeyringError as exc:
         fail(f"the keyring cannot be used, refusing to start: {exc}")
     _bootstrap_operator(runtime)
+    from phivault.dicom.scp import ScpStartError  # noqa: PLC0415  # pynetdicom only for serve
     from phivault.web.server import run_server  # noqa: PLC0415  # uvicorn only for serve
 
     try:
         run_server(runtime, settings.bind, settings.port)
-    except TLSMaterialError as exc:
+    except (TLSMaterialError, ScpStartError) as exc:
         fail(str(exc))
     finally:
         runtime.close()
@@ -788,6 +792,195 @@ def user_list(
             u.id, u.institution_id or "-", u.email, u.role.value, state, "on" if u.mfa_enabled else "off"
         )
     out.print(table)
+
+
+dicom_app = typer.Typer(help="DICOM receivers (C-STORE SCP, STOW-RS).", no_args_is_help=True)
+app.add_typer(dicom_app, name="dicom")
+dicom_node_app = typer.Typer(
+    help="DICOM nodes: the calling AE titles the C-STORE SCP accepts, each for one institution.",
+    no_args_is_help=True,
+)
+dicom_app.add_typer(dicom_node_app, name="node")
+
+
+def _dicom_nodes(runtime: Runtime) -> DicomNodes:
+    return DicomNodes(runtime.db, runtime.clock)
+
+
+def _node_json(node: NodeInfo) -> dict[str, str | None]:
+    return {
+        "id": node.id,
+        "institution_id": node.institution_id,
+        "ae_title": node.ae_title,
+        "device_id": node.device_id,
+        "description": node.description,
+        "created_at": node.created_at.isoformat(),
+    }
+
+
+def _dicom_node_failed(exc: DicomNodeError) -> NoReturn:
+    fail(f"{exc.code}: {exc.detail}", code=2 if exc.status == 400 else 1)  # noqa: PLR2004  # bad input
+
+
+@dicom_node_app.command("add")
+def dicom_node_add(
+    institution: Annotated[str, typer.Option(help="The institution the node sends for (its id).")],
+    ae_title: Annotated[
+        str, typer.Option("--ae-title", help="The node's calling AE title (1-16 characters).")
+    ],
+    device: Annotated[str | None, typer.Option(help="The device its instances count against.")] = None,
+    description: Annotated[str, typer.Option(help="A note for admins, e.g. the room.")] = "",
+    json_output: JsonFlag = False,
+) -> None:
+    """Allow a calling AE title to send to the C-STORE SCP, for one institution."""
+    runtime = _accounts_runtime()
+    try:
+        node = _dicom_nodes(runtime).add(
+            _CLI_SUBJECT,
+            institution_id=institution,
+            ae_title=ae_title,
+            device_id=device,
+            description=description,
+        )
+    except DicomNodeError as exc:
+        _dicom_node_failed(exc)
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps(_node_json(node)))
+    else:
+        out.print(f"added DICOM node {node.ae_title} (id {node.id})", markup=False, highlight=False)
+
+
+@dicom_node_app.command("list")
+def dicom_node_list(
+    institution: Annotated[str | None, typer.Option(help="Only this institution's nodes.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List the DICOM nodes."""
+    runtime = _accounts_runtime()
+    try:
+        nodes = _dicom_nodes(runtime).list(_CLI_SUBJECT, institution)
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps([_node_json(node) for node in nodes]))
+        return
+    table = Table(title="DICOM nodes")
+    for column in ("id", "AE title", "institution", "device", "description"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(node.id, node.ae_title, node.institution_id, node.device_id or "-", node.description)
+    out.print(table)
+
+
+@dicom_node_app.command("remove")
+def dicom_node_remove(
+    node_id: Annotated[str, typer.Argument(metavar="ID", help="The node's id.")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Remove a DICOM node: its AE title can no longer associate."""
+    runtime = _accounts_runtime()
+    try:
+        node = _dicom_nodes(runtime).remove(_CLI_SUBJECT, node_id)
+    except DicomNodeError as exc:
+        _dicom_node_failed(exc)
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps(_node_json(node)))
+    else:
+        out.print(f"removed DICOM node {node.ae_title} (id {node.id})", markup=False, highlight=False)
+
+
+device_app = typer.Typer(help="Activation codes and devices.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+
+
+def _devices_failed(exc: DevicesError) -> NoReturn:
+    fail(f"{exc.code}: {exc.detail}", code=2 if exc.status == 422 else 1)  # noqa: PLR2004  # invalid input
+
+
+@device_app.command("code")
+def device_code(
+    institution: Annotated[str, typer.Option(help="The institution the device will belong to.")],
+    serial: Annotated[str | None, typer.Option(help="Only a device with this serial may use it.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Make a single-use activation code (shown once; expires after PHIVAULT_DEVICE_CODE_HOURS)."""
+    runtime = _accounts_runtime()
+    try:
+        issued = runtime.devices.create_code(_CLI_SUBJECT, institution, serial)
+    except DevicesError as exc:
+        _devices_failed(exc)
+    finally:
+        runtime.close()
+    if json_output:
+        # DESIGN.md §7: scripts read exactly these two fields.
+        out.print_json(json.dumps({"code": issued.code, "expires_at": issued.expires_at.isoformat()}))
+        return
+    # typer.echo, not rich: a terminal's width must not break the code or pin across lines.
+    typer.echo(f"activation code (shown once): {issued.code}")
+    typer.echo(f"expires: {issued.expires_at.isoformat(timespec='seconds')}")
+    for pin in issued.server_pins:
+        typer.echo(f"server certificate pin (phivault-agent activate --pin): {pin}")
+
+
+@device_app.command("list")
+def device_list(
+    institution: Annotated[str | None, typer.Option(help="Only this institution's devices.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List devices (revoked ones too); never keys or tokens."""
+    runtime = _accounts_runtime()
+    try:
+        devices = runtime.devices.list_devices(_CLI_SUBJECT, institution)
+    finally:
+        runtime.close()
+    rows = [
+        {
+            "id": d.id,
+            "institution_id": d.institution_id,
+            "serial": d.serial,
+            "key_thumbprint": d.key_thumbprint,
+            "activated_at": d.activated_at.isoformat(),
+            "last_seen_at": d.last_seen_at.isoformat(),
+            "revoked_at": d.revoked_at.isoformat() if d.revoked_at else None,
+        }
+        for d in devices
+    ]
+    if json_output:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="devices")
+    for column in ("id", "institution", "serial", "state", "last seen"):
+        table.add_column(column)
+    for d in devices:
+        state = "revoked" if d.revoked_at else "active"
+        table.add_row(
+            d.id, d.institution_id, d.serial or "-", state, d.last_seen_at.isoformat(timespec="seconds")
+        )
+    out.print(table)
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device: Annotated[str, typer.Argument(help="The device's id.")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Revoke a device: its next request is refused; its unfinished uploads are cancelled."""
+    runtime = _accounts_runtime()
+    try:
+        info = runtime.devices.revoke(_CLI_SUBJECT, device)
+    except DevicesError as exc:
+        _devices_failed(exc)
+    finally:
+        runtime.close()
+    revoked_at = info.revoked_at.isoformat() if info.revoked_at else None
+    if json_output:
+        out.print_json(json.dumps({"id": info.id, "revoked_at": revoked_at}))
+    else:
+        out.print(f"revoked device {info.id}", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -67,12 +68,35 @@ class Settings(BaseSettings):
     # STOW-RS failure reason A700; ultrasound top banner blanked by the default pixel rule.
     dicom_max_instance_bytes: int = Field(default=1_073_741_824, ge=1024)
     dicom_us_banner_rows: int = Field(default=60, ge=0, le=4096)
+    # DICOM receivers (docs/dicom.md): the C-STORE SCP in `serve` (calling AE titles must be
+    # registered nodes), optional DICOM TLS (PS3.15 B.1; the HTTPS certificate unless its
+    # own is set; client certificates required when a CA is named), and STOW-RS's body limit.
+    dicom_scp_enabled: bool = True
+    dicom_ae_title: str = Field(default="PHIVAULT", min_length=1, max_length=16)
+    dicom_max_associations: int = Field(default=20, ge=1, le=1000)
+    dicom_tls: bool = False
+    dicom_tls_cert_file: Path | None = None
+    dicom_tls_key_file: Path | None = None
+    dicom_tls_client_ca_file: Path | None = None
+    dicomweb_max_request_bytes: int = Field(default=8 * 1024**3, ge=1024)
     # Ingest (docs/ingest.md): storage quotas (0 = none; institutions may set their own),
     # and the sweeper that removes what a crash between writes left unreferenced.
     ingest_device_quota_bytes: int = Field(default=2 * 1024**3, ge=0)
     ingest_institution_quota_bytes: int = Field(default=0, ge=0)
     ingest_orphan_grace_seconds: int = Field(default=3600, ge=0)
     ingest_sweep_interval_seconds: int = Field(default=3600, ge=60)
+    # Reading exams (docs/exams.md): QIDO-RS page size cap and the widest StudyDate range a
+    # PHI reader may search (the PHI index is searched day by day); the minimum time an
+    # exam is kept before it may be deleted (0: no minimum; legal holds apply regardless).
+    qido_max_results: int = Field(default=1000, ge=1, le=10_000)
+    qido_max_date_range_days: int = Field(default=366, ge=1, le=3660)
+    exam_retention_days: int = Field(default=0, ge=0, le=36_500)
+    # Shares and PACS export (docs/exams.md): the longest a share link may live; how often an
+    # export is tried (back-off 2, 4, 8 … s, at most 30 min apart) before it fails, and the
+    # network timeout of each DICOM association with a PACS.
+    share_max_days: int = Field(default=7, ge=1, le=90)
+    pacs_export_max_attempts: int = Field(default=10, ge=1, le=30)
+    pacs_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     admin_allow_cidrs: Annotated[tuple[IPNetwork, ...], NoDecode] = (
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("::1/128"),
@@ -135,17 +159,50 @@ class Settings(BaseSettings):
     siem_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     siem_tick_budget_seconds: float = Field(default=2.0, gt=0, le=60)
 
+    # Devices (docs/devices.md): activation codes, DPoP-bound device tokens (RFC 9449),
+    # resumable uploads. Pins: of the certificate a load balancer shows devices, when it is
+    # not phivault's own (sha256//<base64 SPKI digest>, comma-separated).
+    device_code_hours: int = Field(default=24, ge=1, le=168)
+    device_token_seconds: int = Field(default=600, ge=60, le=3600)
+    dpop_proof_max_age_seconds: int = Field(default=300, ge=10, le=3600)
+    dpop_nonce_seconds: int = Field(default=300, ge=30, le=3600)
+    upload_expiry_hours: int = Field(default=24, ge=1, le=168)
+    device_tls_pins: Annotated[tuple[str, ...], NoDecode] = ()
+
     @field_validator("bind")
     @classmethod
     def _bind_is_an_address(cls, value: str) -> str:
         ipaddress.ip_address(value)  # raises ValueError with a clear message
         return value
 
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title_is_valid(cls, value: str) -> str:
+        from phivault.dicom.aetitle import normalise_ae_title  # noqa: PLC0415  # the one AE title rule
+
+        return normalise_ae_title(value)
+
     @field_validator("admin_allow_cidrs", mode="before")
     @classmethod
     def _split_cidrs(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("device_tls_pins", mode="before")
+    @classmethod
+    def _split_pins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("device_tls_pins", mode="after")
+    @classmethod
+    def _pins_are_sha256(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pin in value:
+            if not re.fullmatch(r"sha256//[A-Za-z0-9+/]{43}=", pin):
+                msg = "each pin is sha256//<base64 of the SHA-256 of a SubjectPublicKeyInfo>"
+                raise ValueError(msg)
         return value
 
     @field_validator("admin_allow_cidrs", mode="after")
@@ -169,6 +226,9 @@ class Settings(BaseSettings):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             msg = "PHIVAULT_TLS_CERT_FILE and PHIVAULT_TLS_KEY_FILE must be set together"
             raise ValueError(msg)
+        if (self.dicom_tls_cert_file is None) != (self.dicom_tls_key_file is None):
+            msg = "PHIVAULT_DICOM_TLS_CERT_FILE and PHIVAULT_DICOM_TLS_KEY_FILE must be set together"
+            raise ValueError(msg)
         if (self.siem_client_cert_file is None) != (self.siem_client_key_file is None):
             msg = "PHIVAULT_SIEM_CLIENT_CERT_FILE and PHIVAULT_SIEM_CLIENT_KEY_FILE must be set together"
             raise ValueError(msg)
@@ -191,6 +251,15 @@ class Settings(BaseSettings):
     @property
     def key_path(self) -> Path:
         return self.tls_key_file or self.data_dir / "tls" / "key.pem"
+
+    @property
+    def dicom_cert_path(self) -> Path:
+        """The DICOM TLS certificate: its own, else the HTTPS one."""
+        return self.dicom_tls_cert_file or self.cert_path
+
+    @property
+    def dicom_key_path(self) -> Path:
+        return self.dicom_tls_key_file or self.key_path
 
     @property
     def master_key_path(self) -> Path:

@@ -17,7 +17,11 @@ from fastapi.staticfiles import StaticFiles
 from phivault import __version__
 from phivault.accounts import api as accounts_api
 from phivault.audit import api as audit_api
-from phivault.exams import ingest_api
+from phivault.devices import api as devices_api
+from phivault.dicom import api as dicom_api
+from phivault.dicom import qido, wado
+from phivault.exams import api as exams_api
+from phivault.exams import export_api, ingest_api, share_api
 from phivault.http.deps import Public, document_access
 from phivault.http.problems import document_problems, install_problem_handlers
 from phivault.runtime import Runtime
@@ -68,7 +72,17 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(health.router)
     app.include_router(audit_api.router)
     app.include_router(accounts_api.router)
+    app.include_router(devices_api.router)
+    app.include_router(dicom_api.router)
+    app.include_router(dicom_api.nodes_router)
     app.include_router(ingest_api.router)
+    app.include_router(qido.router)
+    app.include_router(wado.router)
+    app.include_router(exams_api.router)
+    app.include_router(share_api.router)
+    app.include_router(share_api.public_router)
+    app.include_router(export_api.router)
+    app.include_router(export_api.destinations_router)
     _mount_docs(app)
     _document_problems(app)
     return app
