@@ -362,14 +362,12 @@ class ShareService:
         try:
             self.mailer.send(row.recipient_email, "An exam was shared with you", "\n".join(lines) + "\n")
         except MailError as exc:
-            if job.attempt >= SHARE_MAIL_ATTEMPTS:
-                with self.reader.db.transaction() as other:
-                    other.execute(
-                        update(ShareLink)
-                        .where(ShareLink.id == row.id, ShareLink.delivery == ShareDelivery.QUEUED.value)
-                        .values(delivery=ShareDelivery.FAILED.value)
-                    )
-            raise JobError(f"share {row.id}: {exc}") from None
+            if job.attempt < SHARE_MAIL_ATTEMPTS:
+                raise JobError(f"share {row.id}: {exc}") from None  # retried with back-off
+            # The last attempt: the link stays unmade and the share says the mail failed.
+            row.token_digest = None
+            row.delivery = ShareDelivery.FAILED.value
+            log.warning("share %s: the e-mail could not be delivered after %d attempts", row.id, job.attempt)
 
     def link(self, token: str) -> str:
         return f"{self.settings.public_url.rstrip('/')}/share/{token}"

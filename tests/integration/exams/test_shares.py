@@ -19,6 +19,7 @@ from sqlalchemy import select
 from factories.accounts import LOOPBACK, bearer
 from factories.dicom_factory import PATIENT_NAME, PRIVATE_CREATOR
 from factories.exams import ExamsFactory, IngestedStudy
+from phivault.accounts.mail import MailError
 from phivault.accounts.permissions import Role
 from phivault.audit.models import AuditRecord
 from phivault.clock import ManualClock
@@ -304,3 +305,31 @@ def test_a_de_identified_wado_download_holding_phi_is_withheld(runtime: Runtime)
         ("instance", admin.user_id),
         ("patient", admin.user_id),
     }
+
+
+def test_a_mail_that_cannot_be_delivered_ends_failed_after_the_retries(runtime: Runtime) -> None:
+    world = _world(runtime)
+
+    class Refusing:
+        def send(self, to: str, subject: str, body: str) -> None:
+            del to, subject, body
+            raise MailError("SMTP delivery failed: ConnectionRefusedError")
+
+    shares = runtime.shares
+    shares.mailer = Refusing()
+    object.__setattr__(shares.settings, "smtp_host", "smtp.example")
+    share = _share(world, recipient_email="colleague@elsewhere.example")
+    worker = runtime.new_worker()
+    for _ in range(6):
+        while worker.run_once():
+            pass
+        _advance(runtime, timedelta(seconds=40))
+    listed = world.client.get(f"/api/v1/exams/{world.study.study_id}/shares", headers=world.clinician)
+    (item,) = listed.json()["items"]
+    assert item["id"] == share["id"]
+    assert item["delivery"] == "failed"
+    assert item["status"] == "pending"  # no link was ever made
+    with runtime.db.transaction() as session:
+        row = session.get(ShareLink, share["id"])
+        assert row is not None
+        assert row.token_digest is None
