@@ -253,7 +253,7 @@ async def _pump(request: Request, send: MemoryObjectSendStream[bytes]) -> None:
 
 
 @router.patch("/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def upload_chunk(  # noqa: PLR0913  # tus speaks in headers
+async def upload_chunk(  # tus speaks in headers
     upload_id: UploadId,
     request: Request,
     principal: DevicePrincipal,
@@ -263,18 +263,21 @@ async def upload_chunk(  # noqa: PLR0913  # tus speaks in headers
     upload_checksum: Annotated[
         str | None, Header(description="`sha256 <base64 digest of the chunk>`")
     ] = None,
-    content_length: Annotated[str | None, Header()] = None,
-    content_type: Annotated[str | None, Header()] = None,
     tus_resumable: Annotated[str | None, Header()] = None,
 ) -> Response:
     """tus: append a chunk at `Upload-Offset` (the server's offset, else 409
-    `upload_offset_mismatch`). `Upload-Checksum: sha256 …` is required; a chunk that does
-    not match it is dropped (460 `chunk_checksum_mismatch`).
+    `upload_offset_mismatch`), sent as `application/offset+octet-stream` with a
+    `Content-Length`. `Upload-Checksum: sha256 …` is required; a chunk that does not match
+    it is dropped (460 `chunk_checksum_mismatch`).
     """
     _check_tus(tus_resumable)
-    if (content_type or "").split(";")[0].strip().lower() != CHUNK_MEDIA_TYPE:
+    # Content-Type and Content-Length are HTTP's own headers, which OpenAPI does not describe
+    # as parameters: read here rather than declared.
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != CHUNK_MEDIA_TYPE:
         raise UnsupportedMediaType
     offset = _number(upload_offset, "Upload-Offset")
+    content_length = request.headers.get("content-length")
     if content_length is None:
         raise ChunkLengthInvalid
     length = _number(content_length, "Content-Length")
