@@ -499,6 +499,8 @@ class ExportService:
             sent_now, failure = self._send(export, study, destination, pending)
         except AssociationFailed as exc:
             failure = str(exc)
+        except Exception as exc:  # noqa: BLE001  # any failure of an attempt is recorded and retried
+            failure = f"the attempt failed: {type(exc).__name__}"  # the type only: messages may quote data
         self._finish_attempt(export, study, sent_now, failure, job)
 
     def _start_attempt(
