@@ -28,7 +28,9 @@ def test_codes_lists_and_refusals_from_the_command_line(tmp_path: Path) -> None:
     assert re.fullmatch(r"([0-9A-Z]{5}-){4}[0-9A-Z]{5}", answer["code"])
     text = run("device", "code", "--institution", institution, "--serial", "SN-1", env=env)
     assert re.search(
-        r"^server certificate pin \(phivault-agent activate --pin\): sha256//\S{44}$", text.stdout, re.MULTILINE
+        r"^server certificate pin \(phivault-agent activate --pin\): sha256//\S{44}$",
+        text.stdout,
+        re.MULTILINE,
     )
     assert json.loads(run("device", "list", "--json", env=env).stdout) == []
 
