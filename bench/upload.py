@@ -424,6 +424,17 @@ def report(result: Result, command: str) -> str:
         "",
         concurrent,
     ]
+    if result.server_rss >= TARGET_RSS > result.server_upload_rss:
+        lines.extend(
+            [
+                "",
+                (
+                    "The server's peak belongs to finalize's ingest step (the exams pipeline parses and "
+                    "de-identifies the instance in memory); receiving and storing the chunks stays "
+                    f"at {result.server_upload_rss / MB:,.0f} MB, flat in the file's size."
+                ),
+            ]
+        )
     lines.extend(f"- {error}" for error in result.concurrent_errors[:10])
     return "\n".join(lines) + "\n"
 
