@@ -127,6 +127,20 @@ class _Work:
     uids: _Uids
     phi: PhiRecord
 
+    def receipt(self, status: ReceiptStatus, instance_id: str, study_id: str | None) -> Receipt:
+        return Receipt(
+            status=status,
+            instance_id=instance_id,
+            sha256=self.received.sha256,
+            size=self.received.size,
+            sop_class_uid=self.validated.sop_class_uid,
+            received_sop_instance_uid=self.validated.sop_instance_uid,
+            sop_instance_uid=self.uids.sop,
+            series_instance_uid=self.uids.series,
+            study_instance_uid=self.uids.study,
+            study_id=study_id,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
@@ -240,7 +254,7 @@ class IngestService:
         )
         work = _Work(validated, received, origin, context, patient, secret, uids, phi)
         with self._db.read() as session:
-            earlier = self._earlier(session, institution_id, uids.sop, validated, received)
+            earlier = self._earlier(session, work)
             if earlier is None and released_from is None:  # quarantined bytes are counted already
                 self.policies.check_quota(session, institution_id, origin.device_id, received.size)
             policy = self.policies.load(session, institution_id)
@@ -275,34 +289,19 @@ class IngestService:
 
     # -- steps --------------------------------------------------------------------------
 
-    def _earlier(
-        self,
-        session: Session,
-        institution_id: str,
-        sop_uid: str,
-        validated: ValidatedInstance,
-        received: Received,
-    ) -> Receipt | None:
-        """The receipt of the same SOP Instance UID stored or quarantined before, if any."""
+    def _earlier(self, session: Session, work: _Work) -> Receipt | None:
+        """The receipt of the same SOP Instance UID stored or quarantined before, if any.
+
+        Its UIDs are the ones stored: remapping is deterministic per institution.
+        """
+        institution_id, sop_uid = work.origin.institution_id, work.uids.sop
         row = session.execute(
-            select(Instance.id, Instance.study_id, Study.study_instance_uid, Series.series_instance_uid)
-            .join(Study, Study.id == Instance.study_id)
-            .join(Series, Series.id == Instance.series_id)
-            .where(Instance.institution_id == institution_id, Instance.sop_instance_uid == sop_uid)
+            select(Instance.id, Instance.study_id).where(
+                Instance.institution_id == institution_id, Instance.sop_instance_uid == sop_uid
+            )
         ).one_or_none()
         if row is not None:
-            return Receipt(
-                status=ReceiptStatus.DUPLICATE,
-                instance_id=row.id,
-                sha256=received.sha256,
-                size=received.size,
-                sop_class_uid=validated.sop_class_uid,
-                received_sop_instance_uid=validated.sop_instance_uid,
-                sop_instance_uid=sop_uid,
-                series_instance_uid=row.series_instance_uid,
-                study_instance_uid=row.study_instance_uid,
-                study_id=row.study_id,
-            )
+            return work.receipt(ReceiptStatus.DUPLICATE, row.id, row.study_id)
         waiting = session.scalar(
             select(QuarantinedInstance.id).where(
                 QuarantinedInstance.institution_id == institution_id,
@@ -310,21 +309,7 @@ class IngestService:
                 QuarantinedInstance.status == QuarantineStatus.PENDING.value,
             )
         )
-        if waiting is None:
-            return None
-        secret = self.secrets.get(institution_id)
-        return Receipt(
-            status=ReceiptStatus.QUARANTINED,
-            instance_id=waiting,
-            sha256=received.sha256,
-            size=received.size,
-            sop_class_uid=validated.sop_class_uid,
-            received_sop_instance_uid=validated.sop_instance_uid,
-            sop_instance_uid=sop_uid,
-            series_instance_uid=remap_uid(validated.series_instance_uid, secret.uid),
-            study_instance_uid=remap_uid(validated.study_instance_uid, secret.uid),
-            study_id=None,
-        )
+        return None if waiting is None else work.receipt(ReceiptStatus.QUARANTINED, waiting, None)
 
     def _prepare(self, session: Session, work: _Work) -> _Prepared:
         """The new object's key and DEK, and the sealed PHI of the instance and its study."""
@@ -364,7 +349,7 @@ class IngestService:
     def _store_instance(
         self, work: _Work, deidentified: Dataset, prepared: _Prepared, *, released_from: str | None
     ) -> Receipt:
-        validated, received, origin, context = work.validated, work.received, work.origin, work.context
+        validated, origin, context = work.validated, work.origin, work.context
         patient, secret, uids, phi = work.patient, work.secret, work.uids, work.phi
         institution_id = origin.institution_id
         study_id = secret.derived_id("study", uids.study)
@@ -386,18 +371,7 @@ class IngestService:
                 study_date_index=secret.blind("study-date", study_date) if study_date else None,
                 now=self._clock.now(),
             )
-            receipt = Receipt(
-                status=ReceiptStatus.STORED,
-                instance_id=instance_id,
-                sha256=received.sha256,
-                size=received.size,
-                sop_class_uid=validated.sop_class_uid,
-                received_sop_instance_uid=validated.sop_instance_uid,
-                sop_instance_uid=uids.sop,
-                series_instance_uid=uids.series,
-                study_instance_uid=uids.study,
-                study_id=study_id,
-            )
+            receipt = work.receipt(ReceiptStatus.STORED, instance_id, study_id)
 
             def write_index(session: Session) -> None:
                 self._index(session, work, deidentified, receipt, stored, series_id)
@@ -587,18 +561,7 @@ class IngestService:
         except BaseException:
             self.discard_object(stored.key)
             raise
-        return Receipt(
-            status=ReceiptStatus.QUARANTINED,
-            instance_id=quarantine_id,
-            sha256=received.sha256,
-            size=received.size,
-            sop_class_uid=validated.sop_class_uid,
-            received_sop_instance_uid=validated.sop_instance_uid,
-            sop_instance_uid=uids.sop,
-            series_instance_uid=uids.series,
-            study_instance_uid=uids.study,
-            study_id=None,
-        )
+        return work.receipt(ReceiptStatus.QUARANTINED, quarantine_id, None)
 
     def _mark_released(
         self, session: Session, quarantine_id: str, instance_id: str, subject: Subject
