@@ -88,6 +88,7 @@ FIRST_DAY = date(2016, 1, 1)
 DAYS = 3650
 BATCH = 1000
 TARGET_MS = 50.0
+LOAD: list[float] = []  # the 1-minute load average as each server's queries begin
 _SYLLABLES: tuple[str, ...] = ("ka", "lo", "ve", "ran", "dor", "mi", "sel", "tha", "qu", "ix", "wor", "bel")
 _SYLLABLES += ("an", "tos", "ri", "fen", "gal", "mar", "lin", "od", "ur", "es", "ba", "zel", "phi", "gri")
 _SYLLABLES += ("mon", "ter", "va", "nu", "sho", "kel", "dra", "pen", "wil", "ast", "hol")
@@ -445,6 +446,7 @@ def run_queries(
     prefix: str,
     frame_url: str,
 ) -> list[Latencies]:
+    LOAD.append(os.getloadavg()[0])
     results = []
     for name, stream in query_streams(data, args.limit, 11, prefix).items():
         print(f"  {target}: {name} …", file=sys.stderr)
@@ -586,13 +588,16 @@ def report(results: list[Latencies], args: argparse.Namespace) -> tuple[str, boo
         "",
         (
             f"{args.studies} studies of {args.patients} made-up patients on PostgreSQL 15 (throwaway "
-            "cluster, fsync off), plus one 120-frame 640x480 RGB cine through the real ingest "
-            "pipeline. phivault `serve` over TLS as a clinician: PHI keys matched by blind index, "
+            "cluster, fsync off), written in bulk as ingest writes them (sealed PHI, blind indexes, name "
+            "tokens, index rows; no instance PHI documents or objects), plus one 120-frame 640x480 RGB "
+            "cine through the real ingest pipeline. phivault `serve` over TLS as a clinician: PHI keys "
+            "matched by blind index, PHI decrypted for the answers, every search audited. "
             "PHI decrypted for the answers, every search audited. Orthanc 1.10 (Debian) with its "
             "DICOMweb plugin, default SQLite index, the same patients, dates, accession numbers and "
             "UIDs, over plain HTTP. One client, sequential requests after ten warm-up requests, "
             f"QIDO-RS `limit={args.limit}`; client and servers on the same machine (2 cores shared "
-            "with other work)."
+            f"with other work; 1-minute load average {LOAD[0]:.1f} when phivault's queries began, "
+            f"{LOAD[-1]:.1f} at the end)."
         ),
         "",
         "| query | server | p50 ms | p95 ms | failures |",
@@ -646,6 +651,7 @@ def main() -> int:
             except OrthancUnavailable as exc:
                 print(f"  orthanc unavailable: {exc}", file=sys.stderr)
                 args.skip_orthanc = True
+    LOAD.append(os.getloadavg()[0])
     text, met = report(results, args)
     print(text)
     if args.write_docs:
