@@ -135,10 +135,13 @@ def _blank_with(dataset: Dataset, rule: PixelRule, *, rle: bool) -> PixelOutcome
     frames = _frames_view(dataset)
     if frames is None:
         return PixelOutcome(PixelOutcomeKind.QUARANTINE, QuarantineReason.UNSUPPORTED_PIXEL_LAYOUT, rule)
-    array, bytes_per_pixel, pixel_pairs = frames
+    buffer, array, bytes_per_pixel, pixel_pairs = frames
+    dataset.PixelData = b""  # let go of the received value before making the new one
     for region in rule.regions:
         _blank(array, region, bytes_per_pixel=bytes_per_pixel, pixel_pairs=pixel_pairs)
-    dataset.PixelData = array.tobytes()
+    del array
+    # pydicom takes OB/OW values as bytes (a bytearray would become a list of numbers).
+    dataset.PixelData = bytes(buffer)
     return _blanked(dataset, rule)
 
 
@@ -165,8 +168,9 @@ def _blank_rle(dataset: Dataset, rule: PixelRule) -> None:
     dataset.compress(RLELossless, result, generate_instance_uid=False)
 
 
-def _frames_view(dataset: Dataset) -> tuple[np.ndarray, int, bool] | None:
-    """The native pixel bytes as (frames, planes, rows, columns * bytes per pixel)."""
+def _frames_view(dataset: Dataset) -> tuple[bytearray, np.ndarray, int, bool] | None:
+    """A writable copy of the native pixel bytes, and a view of it shaped (frames, planes,
+    rows, columns * bytes per pixel); trailing bytes past the frames stay as they were."""
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     bits_allocated = int(dataset.get("BitsAllocated", 0))
     samples = int(dataset.get("SamplesPerPixel", 1))
@@ -190,10 +194,12 @@ def _frames_view(dataset: Dataset) -> tuple[np.ndarray, int, bool] | None:
     data = dataset.PixelData
     if len(data) < expected:
         return None
-    array = np.frombuffer(data, dtype=np.uint8, count=expected).reshape(
+    buffer = bytearray(data)
+    del data
+    array = np.frombuffer(buffer, dtype=np.uint8, count=expected).reshape(
         frames, planes, rows, columns * bytes_per_pixel
     )
-    return array.copy(), bytes_per_pixel, pixel_pairs
+    return buffer, array, bytes_per_pixel, pixel_pairs
 
 
 def _blank(array: np.ndarray, region: Region, *, bytes_per_pixel: int, pixel_pairs: bool) -> None:

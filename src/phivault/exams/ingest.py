@@ -165,11 +165,55 @@ def _int(dataset: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _write(dataset: Dataset) -> io.BytesIO:
-    buffer = io.BytesIO()
-    dcmwrite(buffer, dataset, enforce_file_format=True)
-    buffer.seek(0)
-    return buffer
+class _EncodedInstance:
+    """A PS3.10 file as pydicom wrote it, kept as the pieces it wrote (large values such as
+    Pixel Data by reference, not copied into one buffer) and read back in order.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes | memoryview] = []
+        self._position = 0
+        self._index = 0
+        self._offset = 0
+
+    # -- written by pydicom (sequential: it never seeks) -----------------------------------
+
+    def write(self, data: bytes) -> int:
+        self._pieces.append(data)
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, *_: int) -> int:
+        raise io.UnsupportedOperation("an encoded instance is written front to back")
+
+    def flush(self) -> None:
+        pass
+
+    # -- read by the encryptor --------------------------------------------------------------
+
+    def read(self, size: int = -1, /) -> bytes:
+        wanted = self._position if size < 0 else size
+        out: list[bytes] = []
+        while wanted > 0 and self._index < len(self._pieces):
+            piece = memoryview(self._pieces[self._index])
+            take = piece[self._offset : self._offset + wanted]
+            out.append(bytes(take))
+            wanted -= len(take)
+            self._offset += len(take)
+            if self._offset >= len(piece):
+                self._pieces[self._index] = b""  # read: let it go
+                self._index += 1
+                self._offset = 0
+        return b"".join(out)
+
+
+def _write(dataset: Dataset) -> _EncodedInstance:
+    encoded = _EncodedInstance()
+    dcmwrite(encoded, dataset, enforce_file_format=True)  # type: ignore[arg-type]  # write/tell suffice
+    return encoded
 
 
 class IngestService:
