@@ -170,7 +170,8 @@ def _blank_rle(dataset: Dataset, rule: PixelRule) -> None:
 
 def _frames_view(dataset: Dataset) -> tuple[bytearray, np.ndarray, int, bool] | None:
     """A writable copy of the native pixel bytes, and a view of it shaped (frames, planes,
-    rows, columns * bytes per pixel); trailing bytes past the frames stay as they were."""
+    rows, columns * bytes per pixel); trailing bytes past the frames stay as they were.
+    """
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     bits_allocated = int(dataset.get("BitsAllocated", 0))
     samples = int(dataset.get("SamplesPerPixel", 1))
