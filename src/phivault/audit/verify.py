@@ -11,11 +11,10 @@
 Any changed byte, deleted, inserted or reordered record changes a leaf hash or a root,
 and the first affected leaf index is reported.
 
-Speed (a million records in a few seconds): rows are read through the DBAPI cursor in
-primary-key ranges, as plain tuples; on a large log, worker processes recompute the leaf
-hashes of one range each while this process checks the stored tree. The tree is hashed once:
-when every record hashes to its stored leaf, the tree over the stored leaves *is* the tree
-over the records, and the signed roots are checked against it.
+Speed: rows are read through the DBAPI cursor in primary-key ranges, as plain tuples, and
+on a large log worker processes recompute a share of the leaves each alongside this one.
+The tree is hashed once: when every record hashes to its stored leaf, the tree over the
+stored leaves *is* the tree over the records, and the signed roots are checked against it.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from phivault.audit.canonical import canonical_bytes
 from phivault.audit.checkpoint import NoteVerifier, parse_and_verify
 from phivault.audit.errors import AuditError
 from phivault.audit.merkle import (
-    HASH_SIZE,
     Frontier,
     NodeId,
     consistency_proof,
@@ -69,6 +67,7 @@ PARALLEL_FROM_LEAVES = 200_000
 """Below this, starting worker processes costs more than it saves."""
 
 MAX_PROCESSES = 8
+"""At most this many processes (this one and its workers) recompute leaves."""
 
 
 @dataclass
@@ -90,43 +89,37 @@ class VerifyReport:
 
 
 def verify_log(db: Database, *, processes: int | None = None) -> VerifyReport:
-    """Check the whole log; ``processes`` recompute the leaves in parallel (``None``: one
-    per CPU for a large log, ``0``: everything in this process).
+    """Check the whole log. ``processes`` worker processes recompute a share of the leaves
+    each besides this one (``None``: as many as there are other CPUs, for a large log).
+
+    A process using this (on the spawn start method) must guard its main module with
+    ``if __name__ == "__main__"``, as every multiprocessing program must.
     """
     report = VerifyReport()
     with db.transaction() as session:
         checkpoints = _verified_checkpoints(session, report)
         end = _leaf_bound(session, report)
-        workers = default_processes(end) if processes is None else max(0, min(processes, end))
+        workers = default_processes(end) if processes is None else max(0, min(processes, end - 1))
         connection = session.connection().connection
-        dialect = db.engine.dialect
-        sizes = [size for size, _ in checkpoints]
-        if workers:
-            url = db.url.render_as_string(hide_password=False)
-            bounds = [end * part // workers for part in range(workers + 1)]
-            context = multiprocessing.get_context("spawn")  # no inherited database connections
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = [
-                    pool.submit(_recompute_leaves_in_process, url, start, stop)
-                    for start, stop in itertools.pairwise(bounds)
-                ]
-                stored = _check_stored_tree(connection, dialect, end, sizes, report)
-                ranges = [future.result() for future in futures]
-        else:
-            stored = _check_stored_tree(connection, dialect, end, sizes, report)
-            ranges = [_recompute_leaves(connection, dialect, 0, end)]
+        leaves = _Leaves.join(_recompute_all_leaves(db, connection, end, workers))
         # Judged after the leaves were read: a prune that removed a record they miss has
         # committed its window by then (both in one transaction).
         pruned_up_to = session.scalar(select(func.max(AuditPruneWindow.up_to_seq))) or 0
-        # Both passes read the same append-only leaves, so they find the same first gap, if any.
-        report.tree_size = min([stored.size, *(part.stop for part in ranges if part.gap)])
-        if report.tree_size < end:
-            report.fail(f"leaf {report.tree_size} is missing (leaves deleted or inserted)", report.tree_size)
-        bad_leaves = _check_leaves(ranges, report.tree_size, pruned_up_to, report)
-        tree = _records_tree(ranges, stored, report.tree_size, checkpoints)
-        _check_roots(tree, report.tree_size, checkpoints, bad_leaves, report)
+        report.tree_size = leaves.size
+        if leaves.size < end:
+            report.fail(f"leaf {leaves.size} is missing (leaves deleted or inserted)", leaves.size)
+        bad_leaves = _check_leaves(leaves, pruned_up_to, report)
+        sizes = [*(size for size, _ in checkpoints if size <= leaves.size), leaves.size]
+        stored_tree = _check_stored_tree(connection, db.engine.dialect, leaves.stored, sizes, report)
+        if leaves.changed:
+            # Some record no longer hashes to its stored leaf: hash the tree of the records.
+            tree = _KeptNodes(_frontier_nodes(leaves.computed, sizes))
+        else:
+            # Every record hashes to its stored leaf, so the stored tree is the records' tree.
+            tree = _KeptNodes(stored_tree)
+        _check_roots(tree, leaves.size, checkpoints, bad_leaves, report)
         _check_consistency(session, checkpoints, report)
-        _check_head(session, tree.frontier(report.tree_size), report)
+        _check_head(session, tree.frontier(leaves.size), report)
         report.pending_records = (
             session.scalar(
                 select(func.count())
@@ -140,14 +133,14 @@ def verify_log(db: Database, *, processes: int | None = None) -> VerifyReport:
 
 
 def default_processes(leaves: int) -> int:
-    """How many worker processes verify a log of ``leaves`` leaves unless told: one per CPU
-    this process may run on; none for a small log or a single CPU.
+    """How many worker processes help verify a log of ``leaves`` leaves unless told: one per
+    CPU besides this process's own; none for a small log.
     """
     # Linux tells which CPUs this process may use; elsewhere, count them all.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if leaves < PARALLEL_FROM_LEAVES or cpus < 2:  # noqa: PLR2004  # one CPU gains nothing
+    if leaves < PARALLEL_FROM_LEAVES:
         return 0
-    return min(MAX_PROCESSES, cpus)
+    return min(MAX_PROCESSES, cpus) - 1
 
 
 def _verified_checkpoints(session: Session, report: VerifyReport) -> list[tuple[int, bytes]]:
@@ -196,27 +189,73 @@ def _leaf_bound(session: Session, report: VerifyReport) -> int:
 class _LeafRange:
     """What recomputing the leaves ``[start, stop)`` from their records found.
 
-    ``stop`` is where the range ended, or the first missing leaf (``gap``).
+    ``stop`` is where the range ended, or its first missing leaf (``gap``).
     """
 
-    start: int
     stop: int
     gap: bool
-    computed: bytes  # the leaf hashes, concatenated; a record that is gone contributes its stored leaf
-    changed: list[int]  # leaves whose record does not hash to the stored leaf hash
+    computed: list[bytes]  # the leaf hashes; a record that is gone contributes its stored leaf
+    changed: dict[int, bytes]  # leaf index: stored hash, where the record hashes to another
     without_record: list[tuple[int, int]]  # (leaf index, record seq) of leaves whose record is gone
     records_checked: int
 
-    def computed_hashes(self) -> list[bytes]:
-        data = self.computed
-        return [data[offset : offset + HASH_SIZE] for offset in range(0, len(data), HASH_SIZE)]
+
+@dataclass
+class _Leaves:
+    """The leaves before the first missing one (``size`` of them), recomputed and stored."""
+
+    size: int
+    computed: list[bytes]
+    stored: list[bytes]  # ``computed`` itself when every record hashes to its stored leaf
+    changed: list[int]
+    without_record: list[tuple[int, int]]
+    records_checked: int
+
+    @classmethod
+    def join(cls, ranges: Sequence[_LeafRange]) -> _Leaves:
+        """The consecutive ``ranges`` as one, up to the first gap."""
+        size = next((part.stop for part in ranges if part.gap), ranges[-1].stop)
+        computed = [value for part in ranges for value in part.computed][:size]
+        changed = {index: value for part in ranges for index, value in part.changed.items() if index < size}
+        stored = computed
+        if changed:
+            stored = list(computed)
+            for index, value in changed.items():
+                stored[index] = value
+        return cls(
+            size,
+            computed,
+            stored,
+            sorted(changed),
+            [(index, seq) for part in ranges for index, seq in part.without_record if index < size],
+            sum(part.records_checked for part in ranges),
+        )
+
+
+def _recompute_all_leaves(
+    db: Database, connection: PoolProxiedConnection, end: int, workers: int
+) -> list[_LeafRange]:
+    """The leaves ``[0, end)`` in ``workers + 1`` consecutive ranges, the first one here."""
+    dialect = db.engine.dialect
+    if not workers:
+        return [_recompute_leaves(connection, dialect, 0, end)]
+    bounds = [end * part // (workers + 1) for part in range(workers + 2)]
+    url = db.url.render_as_string(hide_password=False)
+    context = multiprocessing.get_context("spawn")  # no database connections inherited
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [
+            pool.submit(_recompute_leaves_in_process, url, start, stop)
+            for start, stop in itertools.pairwise(bounds[1:])
+        ]
+        first = _recompute_leaves(connection, dialect, bounds[0], bounds[1])
+        return [first, *(future.result() for future in futures)]
 
 
 def _recompute_leaves_in_process(url: str, start: int, stop: int) -> _LeafRange:
     """``_recompute_leaves`` in a worker process, on its own connection.
 
     A raw DBAPI connection: the SQLite engine's transactions begin IMMEDIATE, which would
-    wait for the verifying process's own transaction. Each query is one snapshot of an
+    wait for the verifying process's own transaction. Each query reads one snapshot of an
     append-only range.
     """
     db = Database(url)
@@ -241,8 +280,7 @@ def _recompute_leaves(
         .outerjoin(AuditRecord, AuditRecord.seq == AuditLeaf.record_seq)
         .order_by(AuditLeaf.leaf_index)
     )
-    result = _LeafRange(start, start, False, b"", [], [], 0)
-    computed: list[bytes] = []
+    result = _LeafRange(start, False, [], {}, [], 0)
     for low, high in _key_ranges(start, stop):
         rows = _fetch_range(connection, dialect, query, AuditLeaf.leaf_index, low, high)
         present = _contiguous(rows, 12, low)
@@ -260,47 +298,33 @@ def _recompute_leaves(
                     hashes.append(leaf_hash(canonical_bytes((row[0], ts_value(row[1]), *row[2:12]))))
                     result.records_checked += 1
         if hashes != [row[14] for row in rows]:
-            result.changed += [row[12] for row, value in zip(rows, hashes, strict=True) if value != row[14]]
-        computed += hashes
+            result.changed.update(
+                (row[12], row[14]) for row, value in zip(rows, hashes, strict=True) if value != row[14]
+            )
+        result.computed += hashes
         result.stop = low + present
         if present < high - low:
             result.gap = True
             break
-    result.computed = b"".join(computed)
     return result
 
 
 # -- the stored tree ----------------------------------------------------------------------
 
 
-@dataclass
-class _StoredTree:
-    """``size``: how many leaves are stored without a gap; ``frontier_nodes``: the nodes of
-    the frontiers at the sizes asked for, recomputed from those leaves.
-    """
-
-    size: int
-    frontier_nodes: dict[NodeId, bytes]
-
-
 def _check_stored_tree(
-    connection: PoolProxiedConnection, dialect: Dialect, end: int, sizes: Sequence[int], report: VerifyReport
-) -> _StoredTree:
-    """Rehash the tree over the stored leaves and compare every stored interior node with it.
+    connection: PoolProxiedConnection,
+    dialect: Dialect,
+    leaves: list[bytes],
+    sizes: Sequence[int],
+    report: VerifyReport,
+) -> dict[NodeId, bytes]:
+    """Hash the tree over the stored ``leaves`` and compare every stored interior node with it;
+    return the frontier nodes at ``sizes``.
 
     Proofs are served from these nodes, so a rewritten node would give auditors false
-    proofs even where no checkpoint covers it yet. (The leaves themselves are checked against
-    the records in ``_recompute_leaves``.)
+    proofs even where no checkpoint covers it yet.
     """
-    query = select(AuditLeaf.leaf_index, AuditLeaf.leaf_hash).order_by(AuditLeaf.leaf_index)
-    leaves: list[bytes] = []
-    for low, high in _key_ranges(0, end):
-        rows = _fetch_range(connection, dialect, query, AuditLeaf.leaf_index, low, high)
-        present = _contiguous(rows, 0, low)
-        leaves += [value for _, value in rows[:present]]
-        if present < high - low:
-            break
-    size = len(leaves)
     nodes_intact = True
 
     def compare(level: int, computed: list[bytes]) -> None:
@@ -308,8 +332,7 @@ def _check_stored_tree(
         if nodes_intact:  # report the lowest bad node only
             nodes_intact = _compare_stored_nodes(connection, dialect, level, computed, report)
 
-    frontier_nodes = _frontier_nodes(leaves, [*(s for s in sizes if s <= size), size], compare)
-    return _StoredTree(size, frontier_nodes)
+    return _frontier_nodes(leaves, sizes, compare)
 
 
 def _compare_stored_nodes(
@@ -381,34 +404,15 @@ class _KeptNodes:
 # -- putting it together ------------------------------------------------------------------
 
 
-def _check_leaves(ranges: list[_LeafRange], size: int, pruned_up_to: int, report: VerifyReport) -> list[int]:
-    """Report the records of leaves below ``size`` that changed, or are gone without a prune;
-    return those leaves' indexes.
-    """
-    bad: list[int] = []
-    for part in ranges:
-        report.records_checked += part.records_checked
-        for index in part.changed:
-            if index < size:
-                report.fail(f"the record of leaf {index} was changed", index)
-                bad.append(index)
-        for index, seq in part.without_record:
-            if index < size and seq > pruned_up_to:
-                report.fail(f"the record of leaf {index} was deleted", index)
-                bad.append(index)
-    return bad
-
-
-def _records_tree(
-    ranges: list[_LeafRange], stored: _StoredTree, size: int, checkpoints: list[tuple[int, bytes]]
-) -> _KeptNodes:
-    """The frontier nodes of the tree over the records' leaf hashes, at every checkpoint size."""
-    if not any(index < size for part in ranges for index in part.changed):
-        # Every record hashes to its stored leaf, so the stored tree is the records' tree.
-        return _KeptNodes(stored.frontier_nodes)
-    # Some record no longer hashes to its stored leaf: hash the tree of the records themselves.
-    computed = [value for part in ranges for value in part.computed_hashes()][:size]
-    return _KeptNodes(_frontier_nodes(computed, [*(s for s, _ in checkpoints if s <= size), size]))
+def _check_leaves(leaves: _Leaves, pruned_up_to: int, report: VerifyReport) -> list[int]:
+    """Report the records that changed, or are gone without a prune; return their leaves."""
+    report.records_checked = leaves.records_checked
+    for index in leaves.changed:
+        report.fail(f"the record of leaf {index} was changed", index)
+    deleted = [index for index, seq in leaves.without_record if seq > pruned_up_to]
+    for index in deleted:
+        report.fail(f"the record of leaf {index} was deleted", index)
+    return sorted([*leaves.changed, *deleted])
 
 
 def _check_roots(
