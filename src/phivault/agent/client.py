@@ -169,7 +169,7 @@ class ServerClient:
                 self.token = None
                 continue
             return response
-        assert response is not None  # noqa: S101  # the loop ran
+        assert response is not None  # noqa: S101  # nosec B101  # type narrowing: the loop ran at least once
         return response
 
     def _token(self) -> str:

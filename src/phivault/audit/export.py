@@ -165,11 +165,18 @@ def tree_size(session: Session) -> int:
 
 
 def iter_records(
-    db: Database, filters: ExportFilter = EVERYTHING, *, batch_size: int = EXPORT_BATCH
+    db: Database,
+    filters: ExportFilter = EVERYTHING,
+    *,
+    batch_size: int = EXPORT_BATCH,
+    stop: int | None = None,
 ) -> Iterator[LoggedRecord]:
-    """The integrated records matching ``filters``, in leaf order, up to the tree size seen first."""
-    with db.transaction() as session:
-        stop = tree_size(session)
+    """The integrated records matching ``filters``, in leaf order, up to ``stop`` leaves
+    (default: the tree size when the first record is asked for).
+    """
+    if stop is None:
+        with db.transaction() as session:
+            stop = tree_size(session)
     start = 0
     while start < stop:
         with db.transaction() as session:
@@ -465,6 +472,9 @@ def export_log(  # noqa: PLR0913  # who, what and how, named at every call site
     size) after each exported record.
     """
     with db.transaction() as session:
+        # The tree as it stands now: the export's own record (and anything integrated while
+        # the stream is read) is not part of this export.
+        stop = tree_size(session)
         export_id = record(
             session,
             AuditAction.AUDIT_EXPORT,
@@ -475,7 +485,7 @@ def export_log(  # noqa: PLR0913  # who, what and how, named at every call site
             context=context,
             institution_id=filters.institution_id,
         )
-    records = iter_records(db, filters, batch_size=batch_size)
+    records = iter_records(db, filters, batch_size=batch_size, stop=stop)
     if progress is not None:
         records = _reporting(records, progress)
     return encode(fmt, records, observer, now=now, export_id=export_id)
