@@ -43,7 +43,8 @@ CHECKS = (
 PHASES = "examples,coverage,fuzzing,stateful"  # stateful runs once the document has links
 SEED = 20_261_122
 CASES_PER_ROLE = 400  # fuzzing budget spread over the operations (five roles: keep the suite under 20 min)
-MIN_EXAMPLES, MAX_EXAMPLES = 3, 100  # with ~90 operations the minimum decides: it keeps the suite under 20 min
+# With ~90 operations the minimum decides the run's length (the suite stays under 20 min).
+MIN_EXAMPLES, MAX_EXAMPLES = 3, 100
 RUN_TIMEOUT = 300
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 _SHOWN_BODY = 600
