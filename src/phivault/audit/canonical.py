@@ -33,10 +33,20 @@ class RecordFields(NamedTuple):
 
 
 def format_ts(moment: datetime) -> str:
+    """The UTC time as ``isoformat(timespec="microseconds")`` writes it, with ``Z`` for ``+00:00``."""
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    # isoformat is implemented in C; its "+00:00" suffix becomes the "Z" form.
-    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
+    # From the fields: isoformat of an aware time also formats its offset, which made it the
+    # slowest step of hashing a record. Tests compare the two forms.
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031  # measured faster than f-string
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        moment.microsecond,
+    )
 
 
 def canonical_bytes(fields: RecordFields | Sequence[Any]) -> bytes:

@@ -11,10 +11,13 @@
 Any changed byte, deleted, inserted or reordered record changes a leaf hash or a root,
 and the first affected leaf index is reported.
 
-Speed: rows are read through the DBAPI cursor in primary-key ranges, as plain tuples, and
-on a large log worker processes recompute a share of the leaves each alongside this one.
-The tree is hashed once: when every record hashes to its stored leaf, the tree over the
-stored leaves *is* the tree over the records, and the signed roots are checked against it.
+Speed: rows are read through the DBAPI cursor in primary-key ranges, as plain tuples. On a
+large log the leaves are cut into ranges that start on a multiple of a power of two, so the
+lower levels of the tree lie inside one range each: worker processes check a range each
+(leaves and the subtrees over them) alongside this process, which then hashes and checks the
+few levels above. The tree is hashed once: when every record hashes to its stored leaf, the
+tree over the stored leaves *is* the tree over the records, and the signed roots are checked
+against it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -89,8 +92,8 @@ class VerifyReport:
 
 
 def verify_log(db: Database, *, processes: int | None = None) -> VerifyReport:
-    """Check the whole log. ``processes`` worker processes recompute a share of the leaves
-    each besides this one (``None``: as many as there are other CPUs, for a large log).
+    """Check the whole log. ``processes`` worker processes check a range of the leaves each,
+    besides the one this process checks (``None``: one per other CPU, for a large log).
 
     A process using this (on the spawn start method) must guard its main module with
     ``if __name__ == "__main__"``, as every multiprocessing program must.
@@ -101,7 +104,9 @@ def verify_log(db: Database, *, processes: int | None = None) -> VerifyReport:
         end = _leaf_bound(session, report)
         workers = default_processes(end) if processes is None else max(0, min(processes, end - 1))
         connection = session.connection().connection
-        leaves = _Leaves.join(_recompute_all_leaves(db, connection, end, workers))
+        sizes = [*(size for size, _ in checkpoints if size <= end), end]
+        top, ranges = _check_ranges(db, connection, end, workers, sizes)
+        leaves = _Leaves.join(ranges)
         # Judged after the leaves were read: a prune that removed a record they miss has
         # committed its window by then (both in one transaction).
         pruned_up_to = session.scalar(select(func.max(AuditPruneWindow.up_to_seq))) or 0
@@ -110,10 +115,11 @@ def verify_log(db: Database, *, processes: int | None = None) -> VerifyReport:
             report.fail(f"leaf {leaves.size} is missing (leaves deleted or inserted)", leaves.size)
         bad_leaves = _check_leaves(leaves, pruned_up_to, report)
         sizes = [*(size for size, _ in checkpoints if size <= leaves.size), leaves.size]
-        stored_tree = _check_stored_tree(connection, db.engine.dialect, leaves.stored, sizes, report)
+        stored_tree = _check_stored_tree(connection, db.engine.dialect, leaves, top, sizes, report)
         if leaves.changed:
             # Some record no longer hashes to its stored leaf: hash the tree of the records.
-            tree = _KeptNodes(_frontier_nodes(leaves.computed, sizes))
+            wanted = {node_id for size in sizes for node_id in frontier_node_ids(size)}
+            tree = _KeptNodes(_subtrees(leaves.computed(), 0, 0, wanted, up_to=_WHOLE_TREE)[1])
         else:
             # Every record hashes to its stored leaf, so the stored tree is the records' tree.
             tree = _KeptNodes(stored_tree)
@@ -182,77 +188,74 @@ def _leaf_bound(session: Session, report: VerifyReport) -> int:
     return 0 if highest is None else highest + 1
 
 
-# -- the leaves, recomputed from the records ------------------------------------------------
+# -- the leaves and the subtrees over them, range by range -----------------------------------
 
 
 @dataclass
-class _LeafRange:
-    """What recomputing the leaves ``[start, stop)`` from their records found.
+class _Range:
+    """What checking the leaves ``[start, stop)`` and the subtrees over them found.
 
-    ``stop`` is where the range ended, or its first missing leaf (``gap``).
+    ``stop`` is where the range ended, or its first missing leaf (``gap``). The subtrees are
+    those of the stored leaves, up to level ``top``: ``start`` is a multiple of ``2**top``, so
+    each of them lies inside one range.
     """
 
-    stop: int
-    gap: bool
-    computed: list[bytes]  # the leaf hashes; a record that is gone contributes its stored leaf
-    changed: dict[int, bytes]  # leaf index: stored hash, where the record hashes to another
-    without_record: list[tuple[int, int]]  # (leaf index, record seq) of leaves whose record is gone
-    records_checked: int
+    start: int
+    stop: int = 0
+    gap: bool = False
+    computed: list[bytes] = field(default_factory=list)  # a record that is gone gives its stored leaf
+    changed: dict[int, bytes] = field(default_factory=dict)  # leaf: stored hash, where the record differs
+    without_record: list[tuple[int, int]] = field(default_factory=list)  # (leaf, record seq)
+    records_checked: int = 0
+    top_nodes: list[bytes] = field(default_factory=list)  # the range's complete nodes at level ``top``
+    kept: dict[NodeId, bytes] = field(default_factory=dict)  # the wanted frontier nodes in the range
+    bad_node: _BadNode | None = None  # the range's lowest, leftmost stored node that is wrong
 
 
-@dataclass
-class _Leaves:
-    """The leaves before the first missing one (``size`` of them), recomputed and stored."""
+@dataclass(frozen=True, order=True)
+class _BadNode:
+    """A stored interior node that is not the recomputed one; ordered lowest level first."""
 
-    size: int
-    computed: list[bytes]
-    stored: list[bytes]  # ``computed`` itself when every record hashes to its stored leaf
-    changed: list[int]
-    without_record: list[tuple[int, int]]
-    records_checked: int
+    level: int
+    index: int
+    missing: bool
 
-    @classmethod
-    def join(cls, ranges: Sequence[_LeafRange]) -> _Leaves:
-        """The consecutive ``ranges`` as one, up to the first gap."""
-        size = next((part.stop for part in ranges if part.gap), ranges[-1].stop)
-        computed = [value for part in ranges for value in part.computed][:size]
-        changed = {index: value for part in ranges for index, value in part.changed.items() if index < size}
-        stored = computed
-        if changed:
-            stored = list(computed)
-            for index, value in changed.items():
-                stored[index] = value
-        return cls(
-            size,
-            computed,
-            stored,
-            sorted(changed),
-            [(index, seq) for part in ranges for index, seq in part.without_record if index < size],
-            sum(part.records_checked for part in ranges),
+    def report(self, report: VerifyReport) -> None:
+        state = "is missing" if self.missing else "was altered"
+        report.fail(
+            f"interior node (level {self.level}, index {self.index}) {state}", self.index << self.level
         )
 
 
-def _recompute_all_leaves(
-    db: Database, connection: PoolProxiedConnection, end: int, workers: int
-) -> list[_LeafRange]:
-    """The leaves ``[0, end)`` in ``workers + 1`` consecutive ranges, the first one here."""
+def _check_ranges(
+    db: Database, connection: PoolProxiedConnection, end: int, workers: int, sizes: Sequence[int]
+) -> tuple[int, list[_Range]]:
+    """Check the leaves ``[0, end)`` in ``workers + 1`` ranges, the first one here; return the
+    level up to which the ranges hashed the stored tree, and the ranges.
+    """
     dialect = db.engine.dialect
     if not workers:
-        return [_recompute_leaves(connection, dialect, 0, end)]
-    bounds = [end * part // (workers + 1) for part in range(workers + 2)]
+        return _WHOLE_TREE, [_check_range(connection, dialect, 0, end, _WHOLE_TREE, sizes)]
+    # Ranges start on multiples of 2**top; that is at most a quarter of a range, so rounding
+    # the bounds down to it keeps the ranges nearly even.
+    top = max(0, (end // (workers + 1)).bit_length() - 3)
+    bounds = [(end * part // (workers + 1)) >> top << top for part in range(workers + 1)] + [end]
     url = db.url.render_as_string(hide_password=False)
     context = multiprocessing.get_context("spawn")  # no database connections inherited
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [
-            pool.submit(_recompute_leaves_in_process, url, start, stop)
+            pool.submit(_check_range_in_process, url, start, stop, top, sizes)
             for start, stop in itertools.pairwise(bounds[1:])
         ]
-        first = _recompute_leaves(connection, dialect, bounds[0], bounds[1])
-        return [first, *(future.result() for future in futures)]
+        first = _check_range(connection, dialect, bounds[0], bounds[1], top, sizes)
+        return top, [first, *(future.result() for future in futures)]
 
 
-def _recompute_leaves_in_process(url: str, start: int, stop: int) -> _LeafRange:
-    """``_recompute_leaves`` in a worker process, on its own connection.
+_WHOLE_TREE = 64  # a level no tree reaches (sizes are uint64)
+
+
+def _check_range_in_process(url: str, start: int, stop: int, top: int, sizes: Sequence[int]) -> _Range:
+    """``_check_range`` in a worker process, on its own connection.
 
     A raw DBAPI connection: the SQLite engine's transactions begin IMMEDIATE, which would
     wait for the verifying process's own transaction. Each query reads one snapshot of an
@@ -262,16 +265,41 @@ def _recompute_leaves_in_process(url: str, start: int, stop: int) -> _LeafRange:
     try:
         connection = db.engine.raw_connection()
         try:
-            return _recompute_leaves(connection, db.engine.dialect, start, stop)
+            return _check_range(connection, db.engine.dialect, start, stop, top, sizes)
         finally:
             connection.close()
     finally:
         db.dispose()
 
 
-def _recompute_leaves(
-    connection: PoolProxiedConnection, dialect: Dialect, start: int, stop: int
-) -> _LeafRange:
+def _check_range(
+    connection: PoolProxiedConnection,
+    dialect: Dialect,
+    start: int,
+    stop: int,
+    top: int,
+    sizes: Sequence[int],
+) -> _Range:
+    """Recompute the leaves ``[start, stop)``, hash the stored tree over them up to level
+    ``top``, compare its nodes with the stored ones, and keep its frontier nodes at ``sizes``.
+    """
+    part = _recompute_leaves(connection, dialect, start, stop)
+    stored = part.computed
+    if part.changed:
+        stored = list(part.computed)
+        for index, value in part.changed.items():
+            stored[index - start] = value
+    wanted = {node_id for size in [*sizes, part.stop] for node_id in frontier_node_ids(size)}
+
+    def compare(level: int, first: int, computed: list[bytes]) -> None:
+        if part.bad_node is None:  # the lowest bad node only
+            part.bad_node = _compare_stored_nodes(connection, dialect, level, first, computed)
+
+    part.top_nodes, part.kept = _subtrees(stored, 0, start, wanted, up_to=top, on_level=compare)
+    return part
+
+
+def _recompute_leaves(connection: PoolProxiedConnection, dialect: Dialect, start: int, stop: int) -> _Range:
     """Hash the canonical bytes of the records of leaves ``[start, stop)``; compare with the stored leaves."""
     # The timestamp as SQLAlchemy returns it on this database: what the sequencer hashed.
     ts_value = _result_processor(AuditRecord.ts, dialect)
@@ -280,13 +308,13 @@ def _recompute_leaves(
         .outerjoin(AuditRecord, AuditRecord.seq == AuditLeaf.record_seq)
         .order_by(AuditLeaf.leaf_index)
     )
-    result = _LeafRange(start, False, [], {}, [], 0)
+    result = _Range(start, start)
     for low, high in _key_ranges(start, stop):
         rows = _fetch_range(connection, dialect, query, AuditLeaf.leaf_index, low, high)
         present = _contiguous(rows, 12, low)
         del rows[present:]
         if all(row[0] is not None for row in rows):
-            hashes = leaf_hashes(canonical_bytes((row[0], ts_value(row[1]), *row[2:12])) for row in rows)
+            hashes = leaf_hashes([canonical_bytes((row[0], ts_value(row[1]), *row[2:12])) for row in rows])
             result.records_checked += len(rows)
         else:
             hashes = []
@@ -309,80 +337,124 @@ def _recompute_leaves(
     return result
 
 
-# -- the stored tree ----------------------------------------------------------------------
+def _subtrees(
+    hashes: list[bytes],
+    level: int,
+    first: int,
+    wanted: Collection[NodeId],
+    *,
+    up_to: int,
+    on_level: Callable[[int, int, list[bytes]], None] | None = None,
+) -> tuple[list[bytes], dict[NodeId, bytes]]:
+    """Hash the perfect subtrees over ``hashes`` (the complete nodes of ``level`` from index
+    ``first`` on, ``first`` a multiple of ``2**(up_to - level)``), each once, up to level
+    ``up_to`` or the highest complete node; keep the ``wanted`` nodes met on the way.
 
-
-def _check_stored_tree(
-    connection: PoolProxiedConnection,
-    dialect: Dialect,
-    leaves: list[bytes],
-    sizes: Sequence[int],
-    report: VerifyReport,
-) -> dict[NodeId, bytes]:
-    """Hash the tree over the stored ``leaves`` and compare every stored interior node with it;
-    return the frontier nodes at ``sizes``.
-
-    Proofs are served from these nodes, so a rewritten node would give auditors false
-    proofs even where no checkpoint covers it yet.
+    ``on_level(level, first, hashes)`` sees each level above the first. Returns the nodes of
+    level ``up_to`` (none if the tree ends lower) and the kept ones.
     """
-    nodes_intact = True
-
-    def compare(level: int, computed: list[bytes]) -> None:
-        nonlocal nodes_intact
-        if nodes_intact:  # report the lowest bad node only
-            nodes_intact = _compare_stored_nodes(connection, dialect, level, computed, report)
-
-    return _frontier_nodes(leaves, sizes, compare)
+    kept: dict[NodeId, bytes] = {}
+    while True:
+        last = first + len(hashes)
+        kept.update(
+            {
+                node: hashes[node.index - first]
+                for node in wanted
+                if node.level == level and first <= node.index < last
+            }
+        )
+        if level == up_to or (up_to == _WHOLE_TREE and len(hashes) < 2):  # noqa: PLR2004  # a parent needs two
+            return (hashes if level == up_to else []), kept
+        hashes = parent_level(hashes)
+        level += 1
+        first >>= 1
+        if on_level is not None:
+            on_level(level, first, hashes)
 
 
 def _compare_stored_nodes(
-    connection: PoolProxiedConnection,
-    dialect: Dialect,
-    level: int,
-    computed: list[bytes],
-    report: VerifyReport,
-) -> bool:
-    """Compare the stored nodes of ``level`` inside the tree with ``computed``; report the first bad one.
+    connection: PoolProxiedConnection, dialect: Dialect, level: int, first: int, computed: list[bytes]
+) -> _BadNode | None:
+    """The first stored node of ``level`` from index ``first`` on that differs from ``computed``.
 
-    Nodes beyond the tree (appended while verifying) are not part of it and left alone.
+    Only the nodes recomputed are read: nodes beyond the tree (appended while verifying) are
+    not part of it.
     """
     query = (
         select(AuditNode.node_index, AuditNode.hash)
         .where(AuditNode.level == level)
         .order_by(AuditNode.node_index)
     )
-    for low, high in _key_ranges(0, len(computed)):
+    for low, high in _key_ranges(first, first + len(computed)):
         rows = _fetch_range(connection, dialect, query, AuditNode.node_index, low, high)
         present = _contiguous(rows, 0, low)
-        if present == high - low and [value for _, value in rows] == computed[low:high]:
+        if present == high - low and [value for _, value in rows] == computed[low - first : high - first]:
             continue
         for index, (_, value) in enumerate(rows[:present], start=low):
-            if value != computed[index]:
-                report.fail(f"interior node (level {level}, index {index}) was altered", index << level)
-                return False
-        missing = low + present
-        report.fail(f"interior node (level {level}, index {missing}) is missing", missing << level)
-        return False
-    return True
+            if value != computed[index - first]:
+                return _BadNode(level, index, missing=False)
+        return _BadNode(level, low + present, missing=True)
+    return None
 
 
-def _frontier_nodes(
-    leaves: list[bytes], sizes: Sequence[int], on_level: Callable[[int, list[bytes]], None] | None = None
+# -- putting the ranges together --------------------------------------------------------------
+
+
+@dataclass
+class _Leaves:
+    """The ranges joined up to the first missing leaf (``size`` leaves)."""
+
+    size: int
+    ranges: list[_Range]  # those that hold leaves below ``size``
+    changed: list[int]
+    without_record: list[tuple[int, int]]
+    records_checked: int
+
+    @classmethod
+    def join(cls, ranges: Sequence[_Range]) -> _Leaves:
+        size = next((part.stop for part in ranges if part.gap), ranges[-1].stop)
+        used = [part for part in ranges if part.start < size or part.start == 0]
+        return cls(
+            size,
+            used,
+            sorted(index for part in used for index in part.changed if index < size),
+            [(index, seq) for part in used for index, seq in part.without_record if index < size],
+            sum(part.records_checked for part in used),
+        )
+
+    def computed(self) -> list[bytes]:
+        return [value for part in self.ranges for value in part.computed][: self.size]
+
+
+def _check_stored_tree(
+    connection: PoolProxiedConnection,
+    dialect: Dialect,
+    leaves: _Leaves,
+    top: int,
+    sizes: Sequence[int],
+    report: VerifyReport,
 ) -> dict[NodeId, bytes]:
-    """Hash the tree over ``leaves`` level by level, each node once, and keep the frontier
-    nodes of the trees of ``sizes`` leaves. ``on_level`` sees every level above the leaves.
+    """Report the lowest, leftmost stored interior node that differs from the tree over the
+    stored leaves; return that tree's frontier nodes at ``sizes``.
+
+    Proofs are served from these nodes, so a rewritten node would give auditors false
+    proofs even where no checkpoint covers it yet. The ranges checked the levels up to
+    ``top``; the levels above are hashed and checked here.
     """
     wanted = {node_id for size in sizes for node_id in frontier_node_ids(size)}
-    kept: dict[NodeId, bytes] = {}
-    level, hashes = 0, leaves
-    while True:
-        kept.update({node_id: hashes[node_id.index] for node_id in wanted if node_id.level == level})
-        if len(hashes) < 2:  # noqa: PLR2004  # a parent needs two children
-            return kept
-        hashes = parent_level(hashes)
-        level += 1
-        if on_level is not None:
-            on_level(level, hashes)
+    kept = {node: value for part in leaves.ranges for node, value in part.kept.items() if node in wanted}
+    bad = sorted(part.bad_node for part in leaves.ranges if part.bad_node is not None)
+
+    def compare(level: int, first: int, computed: list[bytes]) -> None:
+        if not bad:  # levels above a bad node are not compared: one report is enough
+            bad.extend(filter(None, [_compare_stored_nodes(connection, dialect, level, first, computed)]))
+
+    if top != _WHOLE_TREE:
+        top_nodes = [value for part in leaves.ranges for value in part.top_nodes][: leaves.size >> top]
+        kept.update(_subtrees(top_nodes, top, 0, wanted, up_to=_WHOLE_TREE, on_level=compare)[1])
+    if bad:
+        bad[0].report(report)
+    return kept
 
 
 class _KeptNodes:

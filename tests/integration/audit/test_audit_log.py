@@ -295,8 +295,8 @@ def sealed_log(runtime: Runtime, clock: ManualClock) -> Runtime:
     return runtime
 
 
-# 0: everything in the test process; 2: the test process recomputes leaves 0-20 of the
-# sealed log, two worker processes leaves 21-42 and 43-64 (what a large log gets).
+# 0: everything in the test process; 2: the test process checks leaves 0-19 of the sealed
+# log, two worker processes leaves 20-39 and 40-64 (what a large log gets).
 PROCESSES = pytest.mark.parametrize("processes", [0, 2])
 
 
@@ -428,17 +428,39 @@ def test_a_forged_checkpoint_is_found(sealed_log: Runtime) -> None:
     assert any("bad signature" in problem for problem in report.problems)
 
 
-def test_an_altered_interior_node_is_found(sealed_log: Runtime) -> None:
-    _without_triggers(
-        sealed_log,
-        lambda c: c.execute(
-            text("UPDATE audit_nodes SET hash = :h WHERE level = 3 AND node_index = 2"), {"h": bytes(32)}
-        ),
-    )
-    report = verify_log(sealed_log.db)
+def _alter_nodes(runtime: Runtime, *nodes: tuple[int, int]) -> None:
+    def alter(connection: Connection) -> None:
+        for level, index in nodes:
+            connection.execute(
+                text("UPDATE audit_nodes SET hash = :h WHERE level = :l AND node_index = :i"),
+                {"h": bytes(32), "l": level, "i": index},
+            )
+
+    _without_triggers(runtime, alter)
+
+
+# With two workers the levels up to 2 are checked in each range, the ones above in the test
+# process: (2, 1) covers leaves 4-7 (first range), (1, 20) leaves 40-41 (third range),
+# (3, 2) leaves 16-23 (across the first two ranges).
+@pytest.mark.parametrize(("level", "index"), [(3, 2), (2, 1), (1, 20)])
+@PROCESSES
+def test_an_altered_interior_node_is_found(
+    sealed_log: Runtime, processes: int, level: int, index: int
+) -> None:
+    _alter_nodes(sealed_log, (level, index))
+    report = verify_log(sealed_log.db, processes=processes)
     assert not report.ok
-    assert any("interior node" in problem for problem in report.problems)
-    assert report.first_bad_index == 16  # the node covers leaves 16 to 23
+    assert f"interior node (level {level}, index {index}) was altered" in report.problems
+    assert report.first_bad_index == index << level  # the first leaf the node covers
+
+
+@PROCESSES
+def test_of_several_altered_nodes_the_lowest_is_reported(sealed_log: Runtime, processes: int) -> None:
+    _alter_nodes(sealed_log, (3, 2), (1, 20), (2, 12))
+    report = verify_log(sealed_log.db, processes=processes)
+    assert [problem for problem in report.problems if "interior node" in problem] == [
+        "interior node (level 1, index 20) was altered"
+    ]
 
 
 def test_nodes_and_leaves_are_all_stored(sealed_log: Runtime) -> None:

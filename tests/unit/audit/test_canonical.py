@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from phivault.audit.canonical import RecordFields, canonical_bytes
+from phivault.audit.canonical import RecordFields, canonical_bytes, format_ts
 from phivault.audit.merkle import leaf_hash
 
 # Leaf hashes of layout v1 as the first encoder (one quoting helper per member) wrote them.
@@ -131,6 +131,19 @@ def test_every_member_is_encoded_as_sorted_compact_json(value: str | None) -> No
 def test_timestamps_are_utc_with_microseconds_and_z(moment: datetime) -> None:
     fields = V1_LEAF_HASHES[0][0]._replace(ts=moment)
     assert canonical_bytes(fields) == _reference(fields)
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, 0, 10, tzinfo=timezone(timedelta(hours=14))),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ],
+)
+def test_format_ts_writes_what_isoformat_writes(moment: datetime) -> None:
+    assert format_ts(moment) == moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def test_a_row_with_more_columns_encodes_its_first_twelve() -> None:
