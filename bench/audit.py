@@ -124,16 +124,19 @@ def append_round(runtime: Runtime) -> tuple[float, float]:
 
 
 def bulk_load(runtime: Runtime, count: int) -> float:
-    """Insert ``count`` records fast (bulk INSERT, not the benchmark's subject) and integrate them."""
-    now = runtime.clock.now()
+    """Insert ``count`` records fast (bulk INSERT, not the benchmark's subject) and integrate them.
+
+    Each record has its own timestamp and request id, as in a real log.
+    """
+    start_time = runtime.clock.now() - dt.timedelta(microseconds=count)
     chunk = 20_000
     for start in range(0, count, chunk):
         rows = [
             {
-                "id": new_id(), "ts": now, "actor_type": "user", "actor_id": f"u{i % 97}",
-                "institution_id": "bench-institution", "action": "exam.read", "object_type": "exam",
-                "object_id": f"exam-{i}", "outcome": "success", "ip": "192.0.2.1",
-                "user_agent": "bench", "request_id": None,
+                "id": new_id(), "ts": start_time + dt.timedelta(microseconds=i), "actor_type": "user",
+                "actor_id": f"u{i % 97}", "institution_id": f"inst-{i % 7}", "action": "exam.read",
+                "object_type": "exam", "object_id": f"exam-{i}", "outcome": "success",
+                "ip": f"192.0.2.{i % 251}", "user_agent": "bench", "request_id": f"req-{i}",
             }
             for i in range(start, min(start + chunk, count))
         ]  # fmt: skip
