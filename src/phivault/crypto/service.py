@@ -388,6 +388,88 @@ class OpenedObject:
             raise
 
 
+class PlaintextStream(io.BufferedIOBase):
+    """The plaintext of objects laid end to end (an upload's chunks, in order; or one
+    object), as one seekable binary stream.
+
+    Every byte returned was authenticated (an altered chunk object fails with
+    ``ObjectIntegrityError``). Reads fetch ciphertext in runs of segments, so memory stays
+    flat whatever the size. ``read(n)`` returns ``n`` bytes unless the end comes first (a
+    parser may rely on it). Deliberately not an ``io.BufferedReader``: pydicom takes those
+    for files on disk and would reopen them by name.
+    """
+
+    def __init__(self, chunks: list[tuple[int, OpenedObject]], length: int) -> None:
+        super().__init__()
+        self._chunks = chunks  # (start, opened object), ordered by start
+        self._length = length
+        self._position = 0
+        self._pieces: Iterator[bytes] | None = None
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        target = base + offset
+        if target < 0:
+            msg = "negative seek position"
+            raise ValueError(msg)
+        if target != self._position:
+            self._position = target
+            self._pieces = None
+            self._pending = memoryview(b"")
+        return self._position
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        wanted = self._length - self._position if size is None or size < 0 else size
+        parts: list[bytes] = []
+        while wanted > 0:
+            piece = self.read1(wanted)
+            if not piece:
+                break
+            parts.append(piece)
+            wanted -= len(piece)
+        return b"".join(parts)
+
+    def read1(self, size: int = -1, /) -> bytes:
+        if self._position >= self._length or size == 0:
+            return b""
+        while not self._pending:
+            if self._pieces is None:
+                self._pieces = self._iter_from(self._position)
+            piece = next(self._pieces, None)
+            if piece is None:
+                return b""
+            self._pending = memoryview(piece)
+        count = len(self._pending) if size < 0 else min(size, len(self._pending))
+        data = bytes(self._pending[:count])
+        self._pending = self._pending[count:]
+        self._position += count
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def _iter_from(self, position: int) -> Iterator[bytes]:
+        for start, opened in self._chunks:
+            size = opened.plaintext_size
+            if position >= start + size:
+                continue
+            local = max(0, position - start)
+            yield from opened.iter_range(local, size - local)
+
+
 class PendingObject:
     """A new object's key and sealed DEK (from ``prepare_object``); ``write`` it once."""
 

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol, cast
@@ -44,7 +42,7 @@ from phivault.clock import Clock
 from phivault.config.settings import Settings
 from phivault.crypto.errors import InvalidParameterError, ObjectIntegrityError
 from phivault.crypto.models import InstitutionKey, PurgeReason
-from phivault.crypto.service import KeyHierarchy, ObjectContext, OpenedObject
+from phivault.crypto.service import KeyHierarchy, ObjectContext, PlaintextStream
 from phivault.db.engine import Database
 from phivault.db.jobs import JobContext
 from phivault.devices.errors import (
@@ -204,87 +202,6 @@ class _ChunkBody:
             raise ChunkLengthInvalid  # the body ended before Content-Length (or ran past it)
         self.count += len(data)
         return data
-
-
-class UploadStream(io.BufferedIOBase):
-    """The plaintext of an upload's chunks, in order, as one seekable binary stream.
-
-    Every byte returned was authenticated (an altered chunk object fails with
-    ``ObjectIntegrityError``). Reads fetch ciphertext in runs of segments, so memory stays
-    flat whatever the size. ``read(n)`` returns ``n`` bytes unless the end comes first (a
-    parser may rely on it). Deliberately not an ``io.BufferedReader``: pydicom takes those
-    for files on disk and would reopen them by name.
-    """
-
-    def __init__(self, chunks: list[tuple[int, OpenedObject]], length: int) -> None:
-        super().__init__()
-        self._chunks = chunks  # (start, opened object), ordered by start
-        self._length = length
-        self._position = 0
-        self._pieces: Iterator[bytes] | None = None
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        target = base + offset
-        if target < 0:
-            msg = "negative seek position"
-            raise ValueError(msg)
-        if target != self._position:
-            self._position = target
-            self._pieces = None
-            self._pending = memoryview(b"")
-        return self._position
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        wanted = self._length - self._position if size is None or size < 0 else size
-        parts: list[bytes] = []
-        while wanted > 0:
-            piece = self.read1(wanted)
-            if not piece:
-                break
-            parts.append(piece)
-            wanted -= len(piece)
-        return b"".join(parts)
-
-    def read1(self, size: int = -1, /) -> bytes:
-        if self._position >= self._length or size == 0:
-            return b""
-        while not self._pending:
-            if self._pieces is None:
-                self._pieces = self._iter_from(self._position)
-            piece = next(self._pieces, None)
-            if piece is None:
-                return b""
-            self._pending = memoryview(piece)
-        count = len(self._pending) if size < 0 else min(size, len(self._pending))
-        data = bytes(self._pending[:count])
-        self._pending = self._pending[count:]
-        self._position += count
-        return data
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def _iter_from(self, position: int) -> Iterator[bytes]:
-        for start, opened in self._chunks:
-            size = opened.plaintext_size
-            if position >= start + size:
-                continue
-            local = max(0, position - start)
-            yield from opened.iter_range(local, size - local)
 
 
 class Uploads:
@@ -579,7 +496,7 @@ class Uploads:
         self._check_open(upload, now)
         return None
 
-    def _open_stream(self, session: Session, upload: Upload) -> UploadStream:
+    def _open_stream(self, session: Session, upload: Upload) -> PlaintextStream:
         chunks = session.scalars(
             select(UploadChunk).where(UploadChunk.upload_id == upload.id).order_by(UploadChunk.start)
         ).all()
@@ -591,13 +508,13 @@ class Uploads:
             )
             for chunk in chunks
         ]
-        return UploadStream(opened, upload.length)
+        return PlaintextStream(opened, upload.length)
 
     def _ingest(
         self,
         principal: Principal,
         upload_id: str,
-        stream: UploadStream,
+        stream: PlaintextStream,
         expected: str,
         lease: str,
         context: RequestContext,
