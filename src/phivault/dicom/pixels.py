@@ -12,6 +12,10 @@ RLE Lossless is the one compressed transfer syntax handled: pydicom decodes and 
 with numpy alone, losslessly, and the result keeps RLE Lossless. Every other compressed
 transfer syntax is quarantined: no JPEG / JPEG-LS / JPEG 2000 / video codec is installed,
 and re-encoding the lossy JPEG that devices send would degrade the images further.
+
+On ingest the native value is not in memory (``part10.StreamedPixelData``): the same
+blanking is then attached to it and done one frame at a time while the file is written, so
+memory does not grow with the number of frames. RLE Lossless is decoded in memory as before.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, RLELossless
 
 from phivault.dicom.deid import CLEAN_PIXEL_DATA_CODE, add_method_code
+from phivault.dicom.part10 import StreamedPixelData
 from phivault.dicom.validation import ULTRASOUND_SOP_CLASSES
 
 DEFAULT_BANNER_ROWS: Final = 60  # typical height of an ultrasound scanner's top banner
@@ -129,8 +134,17 @@ def apply_pixel_rules(dataset: Dataset, rules: tuple[PixelRule, ...]) -> PixelOu
 
 
 def _blank_with(dataset: Dataset, rule: PixelRule, *, rle: bool) -> PixelOutcome:
+    value = dataset["PixelData"].value
     if rle:
+        if isinstance(value, StreamedPixelData):  # the codec needs the whole value
+            dataset.PixelData = value.span.read_all()
         _blank_rle(dataset, rule)
+        return _blanked(dataset, rule)
+    if isinstance(value, StreamedPixelData):
+        layout = _frame_layout(dataset, value.length)
+        if layout is None:
+            return PixelOutcome(PixelOutcomeKind.QUARANTINE, QuarantineReason.UNSUPPORTED_PIXEL_LAYOUT, rule)
+        value.transform = FrameBlanking(layout, rule.regions)
         return _blanked(dataset, rule)
     frames = _frames_view(dataset)
     if frames is None:
@@ -168,10 +182,29 @@ def _blank_rle(dataset: Dataset, rule: PixelRule) -> None:
     dataset.compress(RLELossless, result, generate_instance_uid=False)
 
 
-def _frames_view(dataset: Dataset) -> tuple[bytearray, np.ndarray, int, bool] | None:
-    """A writable copy of the native pixel bytes, and a view of it shaped (frames, planes,
-    rows, columns * bytes per pixel); trailing bytes past the frames stay as they were.
+@dataclass(frozen=True, slots=True)
+class FrameLayout:
+    """How native frames lie in Pixel Data: each is ``planes`` planes of ``rows`` rows of
+    ``columns * bytes_per_pixel`` bytes; bytes past the frames stay as they are.
     """
+
+    frames: int
+    planes: int
+    rows: int
+    columns: int
+    bytes_per_pixel: int
+    pixel_pairs: bool
+
+    @property
+    def frame_size(self) -> int:
+        return self.planes * self.rows * self.columns * self.bytes_per_pixel
+
+    def shape(self, frames: int) -> tuple[int, int, int, int]:
+        return (frames, self.planes, self.rows, self.columns * self.bytes_per_pixel)
+
+
+def _frame_layout(dataset: Dataset, value_length: int) -> FrameLayout | None:
+    """The layout of native Pixel Data of ``value_length`` bytes, if it can be blanked."""
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     bits_allocated = int(dataset.get("BitsAllocated", 0))
     samples = int(dataset.get("SamplesPerPixel", 1))
@@ -191,16 +224,48 @@ def _frames_view(dataset: Dataset) -> tuple[bytearray, np.ndarray, int, bool] | 
         planes, bytes_per_pixel = samples, bytes_per_sample
     else:
         planes, bytes_per_pixel = 1, samples * bytes_per_sample
-    expected = frames * planes * rows * columns * bytes_per_pixel
+    layout = FrameLayout(frames, planes, rows, columns, bytes_per_pixel, pixel_pairs)
+    if value_length < frames * layout.frame_size:
+        return None
+    return layout
+
+
+class FrameBlanking:
+    """Blanks a rule's regions in one native frame at a time (``part10.FrameTransform``)."""
+
+    def __init__(self, layout: FrameLayout, regions: tuple[Region, ...]) -> None:
+        self._layout = layout
+        self._regions = regions
+
+    @property
+    def frame_size(self) -> int:
+        return self._layout.frame_size
+
+    @property
+    def frames(self) -> int:
+        return self._layout.frames
+
+    def __call__(self, frame: bytearray) -> None:
+        layout = self._layout
+        array = np.frombuffer(frame, dtype=np.uint8).reshape(layout.shape(1))
+        for region in self._regions:
+            _blank(array, region, bytes_per_pixel=layout.bytes_per_pixel, pixel_pairs=layout.pixel_pairs)
+
+
+def _frames_view(dataset: Dataset) -> tuple[bytearray, np.ndarray, int, bool] | None:
+    """A writable copy of the native pixel bytes, and a view of it shaped (frames, planes,
+    rows, columns * bytes per pixel); trailing bytes past the frames stay as they were.
+    """
     data = dataset.PixelData
-    if len(data) < expected:
+    layout = _frame_layout(dataset, len(data))
+    if layout is None:
         return None
     buffer = bytearray(data)
     del data
-    array = np.frombuffer(buffer, dtype=np.uint8, count=expected).reshape(
-        frames, planes, rows, columns * bytes_per_pixel
+    array = np.frombuffer(buffer, dtype=np.uint8, count=layout.frames * layout.frame_size).reshape(
+        layout.shape(layout.frames)
     )
-    return buffer, array, bytes_per_pixel, pixel_pairs
+    return buffer, array, layout.bytes_per_pixel, layout.pixel_pairs
 
 
 def _blank(array: np.ndarray, region: Region, *, bytes_per_pixel: int, pixel_pairs: bool) -> None:

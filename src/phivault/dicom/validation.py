@@ -20,8 +20,11 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.fileutil import read_undefined_length_value
+from pydicom.tag import SequenceDelimiterTag
 
 from phivault.dicom.errors import DicomRejected, RejectionCode
+from phivault.dicom.part10 import PIXEL_DATA, PixelDataSpan
 
 # Storage SOP Classes accepted (PS3.4 Annex B.5 Table B.5-1).
 SUPPORTED_SOP_CLASSES: Final[frozenset[str]] = frozenset(
@@ -95,6 +98,9 @@ class ValidatedInstance:
 
     The pixel data of ``dataset`` may still be in the received buffer (deferred read): keep a
     stream passed to :func:`validate` open until the dataset has been written out.
+    ``header`` is ``dataset`` without its top-level Pixel Data when ``pixel_data`` says where
+    that value lies in the stream (ingest streams it from there, never holding it), else
+    ``dataset`` itself.
     """
 
     dataset: Dataset
@@ -104,6 +110,8 @@ class ValidatedInstance:
     series_instance_uid: str
     transfer_syntax_uid: str
     size: int
+    header: Dataset
+    pixel_data: PixelDataSpan | None = None
 
 
 # What pydicom raises on hostile input besides its own errors, found by fuzzing
@@ -141,13 +149,9 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
             raise DicomRejected(RejectionCode.NOT_DICOM, "the data set cannot be parsed") from None
         _check_complete(dataset, size)
         try:
-            # Converting each element validates its value against its VR; the file meta
-            # group (0002) too, which iterall() leaves out (found by fuzzing).
-            for _ in dataset.file_meta.iterall():
-                pass
-            for _ in dataset.iterall():
-                pass
+            streamable = _convert_all(dataset)
             _check_file_meta_vrs(dataset)
+            pixel_data = _pixel_data_span(dataset, stream) if streamable else None
         except (EOFError, OSError, struct.error):
             raise DicomRejected(RejectionCode.TRUNCATED, "the data ends inside an element") from None
         except _PARSE_ERRORS:
@@ -168,7 +172,66 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
         series_instance_uid=_required_uid(dataset, "SeriesInstanceUID"),
         transfer_syntax_uid=transfer_syntax,
         size=size,
+        header=dataset if pixel_data is None else _without_pixel_data(dataset),
+        pixel_data=pixel_data,
     )
+
+
+def _pixel_data_span(dataset: Dataset, stream: BinaryIO) -> PixelDataSpan | None:
+    """Where the value of the top-level Pixel Data lies in ``stream``, and its VR."""
+    if PIXEL_DATA not in dataset:
+        return None
+    raw = dataset.get_item(PIXEL_DATA, keep_deferred=True)
+    if not isinstance(raw, RawDataElement):
+        return None  # pragma: no cover  # validate() never converts it
+    if raw.length != _UNDEFINED_LENGTH:
+        length = raw.length
+    elif raw.value is not None:
+        length = len(raw.value)
+    else:
+        # Encapsulated and deferred: find the Sequence Delimitation Item (PS3.5 A.4) as
+        # pydicom does, reading item headers only.
+        stream.seek(raw.value_tell)
+        read_undefined_length_value(stream, raw.is_little_endian, SequenceDelimiterTag, defer_size=0)
+        length = stream.tell() - 8 - raw.value_tell
+    # The VR pydicom gives the element once converted (ambiguous "OB or OW" and UN resolved
+    # from the data set, PS3.5 A.1/A.2/A.4): converted from an empty stand-in, not the value.
+    dataset[PIXEL_DATA] = raw._replace(value=b"")
+    vr = str(dataset[PIXEL_DATA].VR)
+    dataset[PIXEL_DATA] = raw
+    return PixelDataSpan(stream, raw.value_tell, length, vr)
+
+
+def _without_pixel_data(dataset: Dataset) -> Dataset:
+    """A data set with the same elements (shared, not copied) but the top-level Pixel Data."""
+    header = Dataset({tag: dataset.get_item(tag) for tag in dataset.keys() if tag != PIXEL_DATA})  # noqa: SIM118
+    header.file_meta = dataset.file_meta
+    implicit, little = dataset.original_encoding
+    if implicit is not None and little is not None:
+        header.set_original_encoding(implicit, little, dataset.original_character_set)
+    return header
+
+
+def _convert_all(dataset: Dataset) -> bool:
+    """Convert every element, which validates its value against its VR; the File Meta group
+    (0002) too, which iterall() leaves out (found by fuzzing). The top-level Pixel Data is
+    left where it is (an OB/OW value has nothing to check) unless the data set was inflated
+    in memory (Deflated Explicit VR Little Endian, PS3.5 A.5): then its offsets do not point
+    into the received bytes. Returns whether Pixel Data was left in the stream.
+    """
+    for _ in dataset.file_meta.iterall():
+        pass
+    transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
+    streamable = transfer_syntax != dicom_uid.DeflatedExplicitVRLittleEndian
+    for tag in dataset.keys():  # noqa: SIM118 — Dataset iterates elements, not tags
+        if streamable and tag == PIXEL_DATA:
+            continue
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                for _ in item.iterall():
+                    pass
+    return streamable
 
 
 def _check_file_meta_vrs(dataset: Dataset) -> None:

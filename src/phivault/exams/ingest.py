@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -44,6 +43,7 @@ from phivault.crypto.service import EncryptedObject, KeyHierarchy, ObjectContext
 from phivault.db.engine import Database
 from phivault.dicom.deid import deidentify
 from phivault.dicom.errors import DicomRejected, RejectionCode
+from phivault.dicom.part10 import attach_pixel_data, encode
 from phivault.dicom.phi import PhiRecord, extract_phi
 from phivault.dicom.pixels import PixelOutcomeKind, PixelRule, apply_pixel_rules
 from phivault.dicom.uids import remap_uid
@@ -165,57 +165,6 @@ def _int(dataset: Dataset, keyword: str) -> int | None:
         return None
 
 
-class _EncodedInstance:
-    """A PS3.10 file as pydicom wrote it, kept as the pieces it wrote (large values such as
-    Pixel Data by reference, not copied into one buffer) and read back in order.
-    """
-
-    def __init__(self) -> None:
-        self._pieces: list[bytes | memoryview] = []
-        self._position = 0
-        self._index = 0
-        self._offset = 0
-
-    # -- written by pydicom (sequential: it never seeks) -----------------------------------
-
-    def write(self, data: bytes) -> int:
-        self._pieces.append(data)
-        self._position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, *_: int) -> int:
-        raise io.UnsupportedOperation("an encoded instance is written front to back")
-
-    def flush(self) -> None:
-        pass
-
-    # -- read by the encryptor --------------------------------------------------------------
-
-    def read(self, size: int = -1, /) -> bytes:
-        wanted = self._position if size < 0 else size
-        out: list[bytes] = []
-        while wanted > 0 and self._index < len(self._pieces):
-            piece = memoryview(self._pieces[self._index])
-            take = piece[self._offset : self._offset + wanted]
-            out.append(bytes(take))
-            wanted -= len(take)
-            self._offset += len(take)
-            if self._offset >= len(piece):
-                self._pieces[self._index] = b""  # read: let it go
-                self._index += 1
-                self._offset = 0
-        return b"".join(out)
-
-
-def _write(dataset: Dataset) -> _EncodedInstance:
-    encoded = _EncodedInstance()
-    dcmwrite(encoded, dataset, enforce_file_format=True)  # type: ignore[arg-type]  # write/tell suffice
-    return encoded
-
-
 class IngestService:
     """``runtime.ingest``: see the module docstring."""
 
@@ -285,7 +234,7 @@ class IngestService:
             series=remap_uid(validated.series_instance_uid, secret.uid),
             sop=remap_uid(validated.sop_instance_uid, secret.uid),
         )
-        dataset = validated.dataset
+        dataset = validated.header  # Pixel Data stays in the received stream
         phi = extract_phi(dataset)
         # The patient first (PHI database; created with its key on first sight), so that one
         # main-database transaction then checks quota, re-sends, policy and the study's owner
@@ -318,6 +267,7 @@ class IngestService:
         deidentified = deidentify(
             dataset, options=policy.options, institution_secret=secret.uid, pseudonym=patient.id
         )
+        attach_pixel_data(deidentified, validated.pixel_data)  # Table E.1-1 keeps Pixel Data
         outcome = apply_pixel_rules(deidentified, extra_rules + policy.rules)
         if outcome.kind is PixelOutcomeKind.QUARANTINE:
             if released_from is not None:
@@ -399,7 +349,9 @@ class IngestService:
         study_id = secret.derived_id("study", uids.study)
         series_id = secret.derived_id("series", uids.series)
         instance_id = secret.derived_id("instance", uids.sop)
-        plaintext = _write(deidentified)
+        # Pixel Data is read from the received bytes (and blanked) only while this is
+        # encrypted: memory does not grow with its size.
+        plaintext = encode(deidentified)
         accession = phi.accession_number.strip()
         study_date = _text(validated.dataset, "StudyDate")
         stored = prepared.pending.write(self._store, plaintext)

@@ -6,10 +6,9 @@ its device type and image geometry, which is what choosing a rule needs.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import BinaryIO, Final, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,7 +20,7 @@ from phivault.audit.actions import AuditAction, Outcome
 from phivault.audit.service import NO_CONTEXT, RequestContext, Target, record
 from phivault.clock import Clock
 from phivault.config.settings import Settings
-from phivault.crypto.service import KeyHierarchy, ObjectContext
+from phivault.crypto.service import KeyHierarchy, ObjectContext, PlaintextStream
 from phivault.db.engine import Database
 from phivault.dicom.pixels import PixelRule
 from phivault.dicom.validation import validate
@@ -148,21 +147,26 @@ class Quarantine:
                 session=session,
                 context=ObjectContext(row.institution_id, row.patient_key_id, QUARANTINE_KIND),
             )
-            original = b"".join(opened.iter_plaintext())
             object_key = row.object_key
             origin = IngestOrigin(
                 row.institution_id, principal, IngestChannel(row.channel), device_id=row.device_id
             )
-            received = Received(io.BytesIO(original), row.received_size, row.received_sha256)
-        validated = validate(received.stream, max_size=max(len(original), 1))
-        receipt = self._ingest.store_validated(
-            validated,
-            received,
-            origin,
-            context=context,
-            extra_rules=(rule,) if rule is not None else (),
-            released_from=quarantine_id,
-        )
+            # Read from the store as the pipeline goes (never all of it in memory); every
+            # byte is authenticated, so it is the original that was quarantined.
+            original = PlaintextStream([(0, opened)], opened.plaintext_size)
+            received = Received(cast("BinaryIO", original), row.received_size, row.received_sha256)
+        try:
+            validated = validate(received.stream, max_size=max(opened.plaintext_size, 1))
+            receipt = self._ingest.store_validated(
+                validated,
+                received,
+                origin,
+                context=context,
+                extra_rules=(rule,) if rule is not None else (),
+                released_from=quarantine_id,
+            )
+        finally:
+            original.close()
         self._forget_original(quarantine_id, object_key)
         return receipt
 
