@@ -13,6 +13,14 @@
     9 one transaction of the main database: study, series, instance rows and the audit
       record; only now is the instance visible; the receipt goes back after this commit.
 
+Memory: Pixel Data, nearly all of an instance, is never held. Validation leaves its value
+in the received stream (``ValidatedInstance.pixel_data``); steps 4-6 work on the header;
+step 7 has pydicom write the file while the value is read from the stream (native frames
+blanked one at a time) straight into the encryptor (``dicom/part10.py``). The bytes are
+those pydicom writes with every value in memory. Exceptions, held in memory as before: RLE
+Lossless that a pixel rule must blank (the codec decodes it whole) and Deflated Explicit VR
+Little Endian (pydicom inflates the whole data set).
+
 Crash safety: the object (7) and the PHI rows (8) are written before the transaction (9)
 that makes them reachable. A crash in between leaves an unreferenced object and PHI rows
 without an instance; ``sweeper.py`` removes both after a grace period, and a re-send
