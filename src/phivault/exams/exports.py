@@ -593,7 +593,7 @@ class ExportService:
             series_uid = session.scalar(
                 select(Series.series_instance_uid).where(Series.id == instance.series_id)
             )
-            with reader.phi_db.transaction() as phi_session:
+            with reader.phi_db.read() as phi_session:
                 phi = reader.instance_phi(session, phi_session, study, instance.id)
         uid_map[study.study_instance_uid] = phi.uids.study_instance_uid
         if series_uid is not None:

@@ -422,7 +422,10 @@ class ExamReader:
         opened = self.open(session, study, instance)
         phi: InstancePhi | None = None
         if with_phi and may_read_phi(principal, study.institution_id):
-            with self.phi_db.transaction() as phi_session:
+            # The PHI database is only read here: a write transaction would take SQLite's write lock
+            # in whichever order the two sessions are first used, and two requests taking the two
+            # locks in opposite orders wait on each other until the busy timeout (bench/load.py).
+            with self.phi_db.read() as phi_session:
                 phi = self.instance_phi(session, phi_session, study, instance.id)
         uids = uid_map if uid_map is not None else {}
         if phi is not None:

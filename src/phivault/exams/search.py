@@ -352,7 +352,10 @@ class Searcher:
                 f"matching on {', '.join(refused)} needs phi:read: they exist only as PHI",
             )
         reader = self.reader
-        with reader.db.transaction() as session, reader.phi_db.transaction() as phi_session:
+        # The PHI database is only read here: a write transaction would take SQLite's write lock
+        # in whichever order the two sessions are first used, and two requests taking the two
+        # locks in opposite orders wait on each other until the busy timeout (bench/load.py).
+        with reader.db.transaction() as session, reader.phi_db.read() as phi_session:
             if query.study_uid is not None:  # the path names a study (and series): 404 if unknown
                 named = reader.study(session, principal, query.study_uid)
                 if query.series_uid is not None:

@@ -112,7 +112,10 @@ class ExamService:
         if filters.patient_id and not phi_ok:
             raise Forbidden
         reader = self.reader
-        with reader.db.transaction() as session, reader.phi_db.transaction() as phi_session:
+        # The PHI database is only read here: a write transaction would take SQLite's write lock
+        # in whichever order the two sessions are first used, and two requests taking the two
+        # locks in opposite orders wait on each other until the busy timeout (bench/load.py).
+        with reader.db.transaction() as session, reader.phi_db.read() as phi_session:
             query = select(Study).where(Study.institution_id == institution_id)
             if not filters.archived:
                 query = query.where(Study.archived_at.is_(None))
@@ -144,7 +147,7 @@ class ExamService:
 
     def detail(self, principal: Principal, exam_id: str, *, context: RequestContext) -> ExamDetail:
         reader = self.reader
-        with reader.db.transaction() as session, reader.phi_db.transaction() as phi_session:
+        with reader.db.transaction() as session, reader.phi_db.read() as phi_session:
             study = reader.study_by_id(session, principal, exam_id)
             phi_ok = may_read_phi(principal, study.institution_id)
             series = list(

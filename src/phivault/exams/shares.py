@@ -563,7 +563,7 @@ class ShareService:
         values: list[str] = []
         ids = sorted(set(instance_ids))
         records = []
-        with reader.db.transaction() as session, reader.phi_db.transaction() as phi_session:
+        with reader.db.transaction() as session, reader.phi_db.read() as phi_session:
             options = self.policies.load(session, study.institution_id).options
             patient = reader.phi.patient_values(session, phi_session, study.patient_ref)
             study_phi = reader.study_phi(session, phi_session, study)
