@@ -91,6 +91,12 @@ def _make_engine(url: URL, *, echo: bool) -> Engine:
             url,
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            # No cap on connections (a SQLite connection is an open file): a request holds one
+            # of each database at once, and with the default cap (5 + 10) forty threads could
+            # exhaust both pools, one holding the main write lock while waiting for a PHI
+            # connection, until the pool timeout (bench/load.py). SQLite's own locks order the
+            # writers; the number of threads (the server's thread pool) bounds the connections.
+            max_overflow=-1,
         )
         _configure_sqlite(engine)
         return engine
