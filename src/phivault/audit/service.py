@@ -11,6 +11,7 @@ the design of Certificate Transparency logs (a short merge delay, then a signed 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-from sqlalchemy import and_, delete, event, func, insert, inspect, or_, select
+from sqlalchemy import Select, and_, bindparam, delete, event, func, insert, inspect, or_, select
 from sqlalchemy.orm import Session, UOWTransaction
 
 from phivault.audit.actions import ActorType, AuditAction, Outcome
@@ -201,29 +202,39 @@ class DatabaseNodeSource:
         found: dict[NodeId, bytes] = {}
         leaves = [node.index for node in ids if node.level == 0]
         if leaves:
-            rows = self.session.execute(
-                select(AuditLeaf.leaf_index, AuditLeaf.leaf_hash).where(AuditLeaf.leaf_index.in_(leaves))
-            )
+            rows = self.session.execute(_LEAVES_STATEMENT, {"leaves": leaves})
             found.update({NodeId(0, index): value for index, value in rows})
-        by_level: dict[int, list[int]] = {}
-        for node in ids:
-            if node.level > 0:
-                by_level.setdefault(node.level, []).append(node.index)
-        if by_level:
-            # One equality on level and an IN on index per level, OR-ed: both databases
-            # then use the primary key (a row-value IN makes SQLite scan the table).
-            stored = self.session.execute(
-                select(AuditNode.level, AuditNode.node_index, AuditNode.hash).where(
-                    or_(
-                        *(
-                            and_(AuditNode.level == level, AuditNode.node_index.in_(indexes))
-                            for level, indexes in by_level.items()
-                        )
-                    )
-                )
-            )
+        nodes = [node for node in ids if node.level > 0]
+        if nodes:
+            parameters: dict[str, int] = {}
+            for k, node in enumerate(nodes):
+                parameters[f"l{k}"], parameters[f"i{k}"] = node.level, node.index
+            stored = self.session.execute(_nodes_statement(len(nodes)), parameters)
             found.update({NodeId(level, index): value for level, index, value in stored})
         return found
+
+
+_LEAVES_STATEMENT = select(AuditLeaf.leaf_index, AuditLeaf.leaf_hash).where(
+    AuditLeaf.leaf_index.in_(bindparam("leaves", expanding=True))
+)
+
+
+@functools.lru_cache(maxsize=256)  # a proof names at most a few dozen nodes
+def _nodes_statement(count: int) -> Select[int, int, bytes]:
+    """``count`` stored nodes by primary key: ``(level = :l0 AND node_index = :i0) OR …``.
+
+    Both databases use the primary key for each term (a row-value IN makes SQLite scan the
+    table). Built once per count, so SQLAlchemy reuses the compiled statement: building a
+    new expression for every proof cost more than running the query.
+    """
+    return select(AuditNode.level, AuditNode.node_index, AuditNode.hash).where(
+        or_(
+            *(
+                and_(AuditNode.level == bindparam(f"l{k}"), AuditNode.node_index == bindparam(f"i{k}"))
+                for k in range(count)
+            )
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,7 +454,7 @@ class AuditLog:
 
     def inclusion(self, index: int, size: int) -> tuple[bytes, list[bytes]]:
         """The leaf hash at ``index`` and its RFC 9162 inclusion proof in the tree of ``size``."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:  # a proof only reads: it need not wait for writers
             self._check_size(session, size)
             if not 0 <= index < size:
                 raise ProofError("index must be below size")
@@ -457,7 +468,7 @@ class AuditLog:
 
     def consistency(self, old_size: int, new_size: int) -> list[bytes]:
         """The RFC 9162 consistency proof between the trees of ``old_size`` and ``new_size``."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             self._check_size(session, new_size)
             if not 0 < old_size <= new_size:
                 raise ProofError("sizes must satisfy 0 < from <= to")

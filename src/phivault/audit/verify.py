@@ -23,8 +23,10 @@ against it.
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 import os
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -301,8 +303,7 @@ def _check_range(
 
 def _recompute_leaves(connection: PoolProxiedConnection, dialect: Dialect, start: int, stop: int) -> _Range:
     """Hash the canonical bytes of the records of leaves ``[start, stop)``; compare with the stored leaves."""
-    # The timestamp as SQLAlchemy returns it on this database: what the sequencer hashed.
-    ts_value = _result_processor(AuditRecord.ts, dialect)
+    ts_value = _ts_reader(dialect)
     query = (
         select(*RECORD_COLUMNS, AuditLeaf.leaf_index, AuditLeaf.record_seq, AuditLeaf.leaf_hash)
         .outerjoin(AuditRecord, AuditRecord.seq == AuditLeaf.record_seq)
@@ -579,10 +580,33 @@ def _contiguous(rows: Sequence[Sequence[Any]], column: int, start: int) -> int:
     return next(i for i, row in enumerate(rows) if row[column] != start + i)
 
 
-def _result_processor(column: Any, dialect: Dialect) -> Callable[[Any], Any]:  # noqa: ANN401
-    """The conversion SQLAlchemy applies to ``column``'s raw values on ``dialect``."""
-    processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
-    return processor if processor is not None else _identity
+def _ts_reader(dialect: Dialect) -> Callable[[Any], datetime | str]:
+    """Turns a raw ``audit_records.ts`` value of ``dialect`` into what ``canonical_bytes``
+    takes: the ``datetime`` SQLAlchemy would return (what the sequencer hashed), or straight
+    away the canonical text where the database holds the time as text.
+
+    A value that is no time at all (written into the database by hand) becomes text that
+    no record hashed, so its leaf is reported as changed instead of stopping the check.
+    """
+    processor = AuditRecord.ts.type.dialect_impl(dialect).result_processor(dialect, None)
+    convert: Callable[[Any], datetime] = processor if processor is not None else _identity
+    on_sqlite = dialect.name == "sqlite"
+
+    def read(raw: Any) -> datetime | str:  # noqa: ANN401
+        # SQLAlchemy stores a UTC time on SQLite as "YYYY-MM-DD HH:MM:SS.ffffff" (its
+        # DATETIME storage format): the canonical text is the same digits with "T" and "Z".
+        # Parsing it was most of the cost of hashing a record. Any other shape is parsed.
+        if on_sqlite and isinstance(raw, str) and _SQLITE_TS(raw):
+            return f"{raw[:10]}T{raw[11:]}Z"
+        try:
+            return convert(raw)
+        except (TypeError, ValueError):
+            return f"not a time: {json.encoder.encode_basestring(repr(raw))[1:-1]}"
+
+    return read
+
+
+_SQLITE_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}").fullmatch
 
 
 def _identity(value: Any) -> Any:  # noqa: ANN401

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, bindparam, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -315,6 +315,37 @@ def test_one_changed_byte_is_found_at_its_leaf(sealed_log: Runtime, processes: i
     report = verify_log(sealed_log.db, processes=processes)
     assert not report.ok
     assert report.first_bad_index == 33
+
+
+@PROCESSES
+def test_a_changed_timestamp_is_found_at_its_leaf(sealed_log: Runtime, processes: int) -> None:
+    seq = _seq_of_leaf(sealed_log, 12)
+    _without_triggers(
+        sealed_log,
+        lambda c: c.execute(
+            text("UPDATE audit_records SET ts = :ts WHERE seq = :s").bindparams(
+                bindparam("ts", type_=AuditRecord.ts.type)  # stored as the application stores times
+            ),
+            {"s": seq, "ts": datetime(2020, 1, 1, 0, 0, 1, tzinfo=UTC)},
+        ),
+    )
+    report = verify_log(sealed_log.db, processes=processes)
+    assert not report.ok
+    assert report.first_bad_index == 12
+
+
+@PROCESSES
+def test_a_timestamp_that_is_no_time_is_found_at_its_leaf(sealed_log: Runtime, processes: int) -> None:
+    if not sealed_log.db.is_sqlite:
+        pytest.skip("PostgreSQL's timestamptz column holds only times: nothing to forge there")
+    seq = _seq_of_leaf(sealed_log, 40)
+    _without_triggers(
+        sealed_log,
+        lambda c: c.execute(text("UPDATE audit_records SET ts = 'soon' WHERE seq = :s"), {"s": seq}),
+    )
+    report = verify_log(sealed_log.db, processes=processes)
+    assert not report.ok
+    assert report.first_bad_index == 40
 
 
 @PROCESSES
