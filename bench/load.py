@@ -699,7 +699,7 @@ def render(result: Result, command: str) -> str:
         "certificate, HTTP/1.1 keep-alive, one connection per client), for "
         f"{result.seconds:.0f} s, each sending its next request as soon as the last is answered "
         f"(no think time: the server is saturated on purpose). **{result.mix.devices} devices** "
-        f"upload a {ROWS}x{COLUMNS} RGB ultrasound image ({len(PIXELS) / 1000:.0f} kB) each "
+        f"upload a {COLUMNS}x{ROWS} RGB ultrasound image ({len(PIXELS) / 1000:.0f} kB) each "
         f"time through tus (create, {CHUNK // 1024} KiB chunks each with an `Upload-Checksum`, "
         "finalize into ingest), a DPoP proof on every request; **"
         f"{result.mix.stow} clinicians** store one instance per STOW-RS request; **"
