@@ -30,14 +30,20 @@ typecheck: install
 # Bytecode is compiled ahead of time: with PYTHONDONTWRITEBYTECODE set (as on some CI
 # machines) every process would otherwise recompile every module, and the suite starts
 # hundreds of phivault processes.
+# One pytest-xdist worker per CPU, a test file per worker at a time (module fixtures are
+# built once): much of the suite waits on the servers it starts, so two workers on two
+# cores finish well before one. PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
+
 test: install lint typecheck
 	bash scripts/install-test-deps.sh
 	$(BIN)/python -m compileall -q src tests
-	$(BIN)/python -m pytest --durations=20
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=20
 
 test-long: install
 	bash scripts/install-test-deps.sh
-	$(BIN)/python -m pytest -m long
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m long
 
 # Known vulnerabilities in the locked dependencies (pip-audit). Needs PyPI's per-version
 # advisory API or OSV, which not every network reaches; kept out of `make test` for that.

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,10 +28,23 @@ _log_capture = logscan.CapturingHandler()
 logging.getLogger().addHandler(_log_capture)
 
 
+_worker_leaks: list[logscan.Leak] = []  # on the xdist controller: what its workers found
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if any log of the whole session carries PHI, a secret or a token."""
+    """Fail the run if any log of the whole session carries PHI, a secret or a token.
+
+    Under pytest-xdist each worker scans the logs of its own tests and servers and hands
+    what it found to the controller, which reports and fails the run: a worker's own exit
+    status does not decide the run's.
+    """
     del exitstatus
     leaks = logscan.scan(_log_capture.lines)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["phivault_leaks"] = [(leak.where, leak.kind, leak.excerpt) for leak in leaks]
+        return
+    leaks += _worker_leaks
     if leaks:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
@@ -39,9 +54,27 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_testnodedown(node: Any, error: object) -> None:  # noqa: ANN401  # xdist's WorkerController
+    """xdist: collect the leaks a worker found (``pytest_sessionfinish`` above)."""
+    del error
+    found = getattr(node, "workeroutput", {}).get("phivault_leaks", [])
+    _worker_leaks.extend(logscan.Leak(where, kind, excerpt) for where, kind, excerpt in found)
+
+
+CRASH_SEED = "PHIVAULT_CRASH_SEED"  # the crash harness's replay seed: a test setting, not phivault's
+
 # Tests never read the developer's own configuration.
-for _name in [name for name in os.environ if name.startswith("PHIVAULT_")]:
+for _name in [name for name in os.environ if name.startswith("PHIVAULT_") and name != CRASH_SEED]:
     del os.environ[_name]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Draw the crash harness's seed once, here (the xdist controller or a plain run): it is
+    part of that test's id, and xdist workers, which inherit this environment, must collect
+    the same ids.
+    """
+    if not hasattr(config, "workerinput"):
+        os.environ.setdefault(CRASH_SEED, str(random.SystemRandom().randrange(1, 2**31)))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from servers import logscan
 
@@ -29,3 +32,45 @@ def test_clean_lines_pass() -> None:
         logscan.scan(["phivault.access: GET /healthz 200 1.0ms rid=3f1c2b9e-0d4e-4c1a-9b7e-2a5f6c7d8e9f"])
         == []
     )
+
+
+class _Plugins:
+    def get_plugin(self, name: str) -> None:
+        del name
+
+
+class _Config:
+    pluginmanager = _Plugins()
+
+
+class _Session:
+    def __init__(self, config: object) -> None:
+        self.config = config
+        self.exitstatus: int = pytest.ExitCode.OK
+
+
+def test_a_leak_found_by_an_xdist_worker_fails_the_whole_run() -> None:
+    import conftest  # noqa: PLC0415  # the suite's own conftest, already imported by pytest
+
+    worker_config = _Config()
+    worker_config.workeroutput = {}  # type: ignore[attr-defined]  # what xdist gives a worker
+    logscan.plant("hunter2-hunter2")
+    logscan_lines = conftest._log_capture.lines
+    logscan_lines.append("phivault.x: password hunter2-hunter2")
+    try:
+        worker = _Session(worker_config)
+        conftest.pytest_sessionfinish(worker, 0)  # type: ignore[arg-type]
+        assert worker.exitstatus == pytest.ExitCode.OK  # a worker only reports
+        found = worker_config.workeroutput["phivault_leaks"]  # type: ignore[attr-defined]
+        assert any(kind == "planted value" for _, kind, _ in found)
+    finally:
+        logscan_lines.remove("phivault.x: password hunter2-hunter2")
+
+    node = SimpleNamespace(workeroutput={"phivault_leaks": found})  # xdist's WorkerController
+    controller = _Session(_Config())
+    try:
+        conftest.pytest_testnodedown(node, None)
+        conftest.pytest_sessionfinish(controller, 0)  # type: ignore[arg-type]
+        assert controller.exitstatus == pytest.ExitCode.TESTS_FAILED
+    finally:
+        conftest._worker_leaks.clear()  # leave nothing for the real session-end check
