@@ -152,6 +152,26 @@ def bind_address(runtime: Runtime) -> Finding:
     return Finding(name, Status.PASS, f"listening on {address}")
 
 
+def dicom_transport(runtime: Runtime) -> Finding:
+    """The C-STORE SCP listens on ``PHIVAULT_BIND`` too; plain DIMSE carries PHI in clear."""
+    name = "dicom_transport"
+    settings = runtime.settings
+    if not settings.dicom_scp_enabled:
+        return Finding(name, Status.PASS, "the DICOM receiver is off")
+    if settings.dicom_tls:
+        return Finding(name, Status.PASS, f"the DICOM receiver on port {settings.dicom_port} uses TLS")
+    if ipaddress.ip_address(settings.bind).is_loopback:
+        return Finding(name, Status.PASS, "the DICOM receiver without TLS listens on loopback only")
+    status = Status.FAIL if settings.profile == "prod" else Status.WARN
+    return Finding(
+        name,
+        status,
+        f"the DICOM receiver would take PHI in clear on {settings.bind}:{settings.dicom_port}; "
+        "set PHIVAULT_DICOM_TLS=true, or bind to loopback behind a TLS tunnel, "
+        "or PHIVAULT_DICOM_SCP_ENABLED=false",
+    )
+
+
 def admin_allow_list(runtime: Runtime) -> Finding:
     name = "admin_allow_cidrs"
     networks = runtime.settings.admin_allow_cidrs
@@ -221,6 +241,7 @@ GUARDRAILS: tuple[Guardrail, ...] = (
     data_dir_permissions,
     debug_off,
     bind_address,
+    dicom_transport,
     admin_allow_list,
     database,
     phi_database,

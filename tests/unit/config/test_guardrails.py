@@ -133,6 +133,18 @@ def test_dev_profile_on_a_public_address_fails(runtime: Runtime) -> None:
     )
 
 
+def test_plain_dicom_beyond_loopback_fails_in_prod(runtime: Runtime) -> None:
+    everywhere = "0.0.0.0"  # noqa: S104  # the exposure under test
+    plain = _runtime_with(runtime, profile="prod", bind=everywhere, dicom_tls=False)
+    assert guardrails.dicom_transport(plain).status is Status.FAIL
+    assert guardrails.dicom_transport(_runtime_with(runtime, bind=everywhere)).status is Status.WARN
+    assert guardrails.dicom_transport(runtime).status is Status.PASS  # loopback
+    with_tls = _runtime_with(runtime, profile="prod", bind=everywhere, dicom_tls=True)
+    assert guardrails.dicom_transport(with_tls).status is Status.PASS
+    off = _runtime_with(runtime, profile="prod", bind=everywhere, dicom_scp_enabled=False)
+    assert guardrails.dicom_transport(off).status is Status.PASS
+
+
 def test_admin_allow_list_empty_or_open_to_all_fails(runtime: Runtime) -> None:
     assert guardrails.admin_allow_list(_runtime_with(runtime, admin_allow_cidrs=())).status is Status.FAIL
     open_prod = _runtime_with(runtime, profile="prod", admin_allow_cidrs=("0.0.0.0/0",))
