@@ -592,7 +592,7 @@ def report(results: list[Latencies], args: argparse.Namespace) -> tuple[str, boo
             "tokens, index rows; no instance PHI documents or objects), plus one 120-frame 640x480 RGB "
             "cine through the real ingest pipeline. phivault `serve` over TLS as a clinician: PHI keys "
             "matched by blind index, PHI decrypted for the answers, every search audited. "
-            "PHI decrypted for the answers, every search audited. Orthanc 1.10 (Debian) with its "
+            "Orthanc 1.10 (Debian) with its "
             "DICOMweb plugin, default SQLite index, the same patients, dates, accession numbers and "
             "UIDs, over plain HTTP. One client, sequential requests after ten warm-up requests, "
             f"QIDO-RS `limit={args.limit}`; client and servers on the same machine (2 cores shared "
