@@ -495,7 +495,12 @@ def test_truncation_inside_header_fails(
 
 
 @every_read_path
-@pytest.mark.parametrize("extra", [b"\x00", b"\x00" * TAG, os.urandom(S + TAG), os.urandom(100)])
+@pytest.mark.parametrize(
+    "extra",
+    [b"\x00", b"\x00" * TAG, os.urandom(S + TAG), os.urandom(100)],
+    # Ids, not the random bytes: every xdist worker must collect the same test ids.
+    ids=["one byte", "a tag of zeros", "a segment and a tag", "100 random bytes"],
+)
 def test_appended_bytes_fail(extra: bytes, open_object: Callable[[bytes, bytes, bytes], bytes]) -> None:
     with pytest.raises(ObjectIntegrityError):
         open_object(_seal(TAMPER_PLAINTEXT) + extra, DEK, b"")
