@@ -54,6 +54,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown when xdist is off (-p no:xdist)
 def pytest_testnodedown(node: Any, error: object) -> None:  # noqa: ANN401  # xdist's WorkerController
     """xdist: collect the leaks a worker found (``pytest_sessionfinish`` above)."""
     del error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -49,8 +50,17 @@ class _Session:
         self.exitstatus: int = pytest.ExitCode.OK
 
 
-def test_a_leak_found_by_an_xdist_worker_fails_the_whole_run() -> None:
-    import conftest  # noqa: PLC0415  # the suite's own conftest, already imported by pytest
+def _suite_conftest(config: pytest.Config) -> Any:  # noqa: ANN401  # a module
+    """tests/conftest.py as pytest loaded it (``import conftest`` may give another directory's)."""
+    root = Path(__file__).resolve().parents[2] / "conftest.py"
+    for plugin in config.pluginmanager.get_plugins():
+        if Path(getattr(plugin, "__file__", "") or "/").resolve() == root:
+            return plugin
+    raise AssertionError("tests/conftest.py is not loaded")
+
+
+def test_a_leak_found_by_an_xdist_worker_fails_the_whole_run(pytestconfig: pytest.Config) -> None:
+    conftest = _suite_conftest(pytestconfig)
 
     worker_config = _Config()
     worker_config.workeroutput = {}  # type: ignore[attr-defined]  # what xdist gives a worker
@@ -59,7 +69,7 @@ def test_a_leak_found_by_an_xdist_worker_fails_the_whole_run() -> None:
     logscan_lines.append("phivault.x: password hunter2-hunter2")
     try:
         worker = _Session(worker_config)
-        conftest.pytest_sessionfinish(worker, 0)  # type: ignore[arg-type]
+        conftest.pytest_sessionfinish(worker, 0)
         assert worker.exitstatus == pytest.ExitCode.OK  # a worker only reports
         found = worker_config.workeroutput["phivault_leaks"]  # type: ignore[attr-defined]
         assert any(kind == "planted value" for _, kind, _ in found)
@@ -70,7 +80,7 @@ def test_a_leak_found_by_an_xdist_worker_fails_the_whole_run() -> None:
     controller = _Session(_Config())
     try:
         conftest.pytest_testnodedown(node, None)
-        conftest.pytest_sessionfinish(controller, 0)  # type: ignore[arg-type]
+        conftest.pytest_sessionfinish(controller, 0)
         assert controller.exitstatus == pytest.ExitCode.TESTS_FAILED
     finally:
         conftest._worker_leaks.clear()  # leave nothing for the real session-end check
