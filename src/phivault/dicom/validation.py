@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
@@ -18,8 +19,9 @@ from pydicom import config
 from pydicom import uid as dicom_uid
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.fileutil import read_undefined_length_value
 from pydicom.tag import SequenceDelimiterTag
 
@@ -88,6 +90,7 @@ SUPPORTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(
 
 # Elements larger than this stay in the received buffer until first used (pixel data).
 DEFER_SIZE: Final = 256 * 1024
+_INFLATE_CHUNK: Final = 1024 * 1024
 _UNDEFINED_LENGTH: Final = 0xFFFFFFFF
 _CONFIG_LOCK = threading.Lock()
 
@@ -137,7 +140,7 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
     stream, size = _open(raw, max_size=max_size)
     with _CONFIG_LOCK, config.strict_reading():
         try:
-            dataset = pydicom.dcmread(stream, force=False, defer_size=DEFER_SIZE)
+            dataset, extent = _read(stream, size, max_size=max_size)
         except InvalidDicomError:
             raise DicomRejected(
                 RejectionCode.NOT_DICOM, "no DICOM preamble and 'DICM' prefix (PS3.10 §7.1)"
@@ -147,7 +150,7 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
             raise DicomRejected(RejectionCode.TRUNCATED, "the data ends inside an element") from None
         except _PARSE_ERRORS:
             raise DicomRejected(RejectionCode.NOT_DICOM, "the data set cannot be parsed") from None
-        _check_complete(dataset, size)
+        _check_complete(dataset, extent)
         try:
             streamable = _convert_all(dataset)
             _check_file_meta_vrs(dataset)
@@ -175,6 +178,53 @@ def validate(raw: bytes | BinaryIO, *, max_size: int) -> ValidatedInstance:
         header=dataset if pixel_data is None else _without_pixel_data(dataset),
         pixel_data=pixel_data,
     )
+
+
+def _read(stream: BinaryIO, size: int, *, max_size: int) -> tuple[Dataset, int]:
+    """The data set, and the size its element offsets refer to: the received bytes, or the
+    inflated data set of Deflated Explicit VR Little Endian (PS3.5 A.5).
+
+    pydicom inflates a deflated data set without bound (a few MB can inflate to many GB):
+    here it is inflated to at most ``max_size`` bytes, and refused past that.
+    """
+    start = stream.tell()
+    preamble = read_preamble(stream, force=False)
+    meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta)
+    if str(meta.get("TransferSyntaxUID", "")) != dicom_uid.DeflatedExplicitVRLittleEndian:
+        stream.seek(start)
+        return pydicom.dcmread(stream, force=False, defer_size=DEFER_SIZE), size
+    inflated = _inflate(stream, max_size)
+    body = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    dataset = FileDataset("", body, preamble=preamble, file_meta=FileMetaDataset(meta))
+    dataset.set_original_encoding(False, True, body.original_character_set)
+    return dataset, len(inflated)
+
+
+def _past_file_meta(tag: int, _vr: str | None, _length: int) -> bool:
+    return (tag >> 16) != 0x0002  # noqa: PLR2004  # the File Meta group
+
+
+def _inflate(stream: BinaryIO, max_size: int) -> bytes:
+    """The raw DEFLATE stream (RFC 1951) that follows the File Meta group, inflated."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        while chunk := stream.read(_INFLATE_CHUNK):
+            out += inflater.decompress(chunk, max_size + 1 - len(out))
+            if len(out) > max_size or inflater.unconsumed_tail:
+                raise DicomRejected(
+                    RejectionCode.TOO_LARGE, f"the inflated data set is larger than {max_size} bytes"
+                )
+            if inflater.eof:
+                break
+        out += inflater.flush()
+    except zlib.error:
+        raise DicomRejected(RejectionCode.NOT_DICOM, "the deflated data set cannot be inflated") from None
+    if not inflater.eof:
+        raise DicomRejected(RejectionCode.TRUNCATED, "the deflated data set ends early")
+    if len(out) > max_size:
+        raise DicomRejected(RejectionCode.TOO_LARGE, f"the inflated data set is larger than {max_size} bytes")
+    return bytes(out)
 
 
 def _pixel_data_span(dataset: Dataset, stream: BinaryIO) -> PixelDataSpan | None:

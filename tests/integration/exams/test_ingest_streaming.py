@@ -165,3 +165,33 @@ def test_a_streamed_instance_reads_back_with_the_banner_blanked(runtime: Runtime
     assert not pixels[:, :banner].any()
     assert pixels[:, banner:].all()
     assert stored.BurnedInAnnotation == "NO"
+
+
+def test_a_large_deflated_instance_is_stored_deflated_with_its_banner_blanked(runtime: Runtime) -> None:
+    """Deflated Explicit VR Little Endian (PS3.5 A.5) is kept as received; its Pixel Data,
+    above the reader's defer size, is inflated in memory (not streamed) and blanked.
+    """
+    institution = AccountsFactory(runtime).institution().id
+    dataset, _ = make_instance(rows=480, columns=640)
+    dataset.file_meta.TransferSyntaxUID = dicom_uid.DeflatedExplicitVRLittleEndian
+    raw = to_bytes(dataset)
+    receipt = runtime.ingest.ingest(io.BytesIO(raw), _origin(institution))
+    assert receipt.status is ReceiptStatus.STORED
+    assert receipt.size == len(raw)
+    with runtime.db.transaction() as session:
+        row = session.get(Instance, receipt.instance_id)
+        assert row is not None
+        study = session.get(Study, row.study_id)
+        assert study is not None
+        opened = runtime.keys.open_object(
+            runtime.store,
+            row.object_key,
+            session=session,
+            context=ObjectContext(institution, study.patient_key_id, INSTANCE_KIND),
+        )
+        stored = dcmread(io.BytesIO(b"".join(opened.iter_plaintext())))
+    assert stored.file_meta.TransferSyntaxUID == dicom_uid.DeflatedExplicitVRLittleEndian
+    pixels = stored.pixel_array
+    banner = runtime.settings.dicom_us_banner_rows
+    assert not pixels[:banner].any()
+    assert (pixels[banner:] == dataset.pixel_array[banner:]).all()

@@ -191,3 +191,66 @@ def test_the_display_reader_shows_what_the_strict_reader_refuses() -> None:
     shown = read_for_display(bad)
     assert shown.SOPInstanceUID == dataset.SOPInstanceUID
     assert shown["InstanceNumber"].value == "42A2"
+
+
+def _deflated(dataset_kwargs: dict[str, object] | None = None) -> tuple[bytes, bytes]:
+    """A deflated instance (PS3.5 A.5) and its pixels."""
+    dataset, _ = make_instance(plant_phi=False, **(dataset_kwargs or {}))  # type: ignore[arg-type]
+    dataset.file_meta.TransferSyntaxUID = dicom_uid.DeflatedExplicitVRLittleEndian
+    return to_bytes(dataset), bytes(dataset.PixelData)
+
+
+def _deflate_bomb(inflated_size: int) -> bytes:
+    """A valid File Meta group, then a deflated data set of ``inflated_size`` bytes: one
+    OB element of zeros, which compresses about a thousandfold.
+    """
+    import struct  # noqa: PLC0415
+    import zlib  # noqa: PLC0415
+
+    head, _ = _deflated()
+    meta_end = 144 + struct.unpack("<I", head[140:144])[0]  # (0002,0000) gives the group's length
+    value = inflated_size - 12
+    element = struct.pack("<HH2sHI", 0x0009, 0x0010, b"OB", 0, value)  # a private OB, zeros
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflate.compress(element)
+    zeros = bytes(1 << 20)
+    for _ in range(value // len(zeros)):
+        body += deflate.compress(zeros)
+    body += deflate.compress(bytes(value % len(zeros))) + deflate.flush()
+    return head[:meta_end] + body
+
+
+def test_a_deflated_instance_with_large_pixel_data_is_accepted_with_its_pixels() -> None:
+    raw, pixels = _deflated({"rows": 480, "columns": 640})  # 900 KiB of pixels: above the defer size
+    assert len(raw) < len(pixels)  # really deflated
+    instance = validate(raw, max_size=MAX)
+    assert instance.transfer_syntax_uid == dicom_uid.DeflatedExplicitVRLittleEndian
+    assert instance.size == len(raw)  # the received bytes, not the inflated data set
+    assert instance.pixel_data is None  # inflated in memory: nothing to stream from the bytes
+    assert bytes(instance.header.PixelData) == pixels
+
+
+def test_a_deflated_instance_is_read_from_a_stream_too() -> None:
+    raw, pixels = _deflated({"rows": 480, "columns": 640})
+    assert bytes(validate(io.BytesIO(raw), max_size=MAX).header.PixelData) == pixels
+
+
+def test_a_deflate_bomb_is_refused_as_too_large_without_inflating_it() -> None:
+    raw = _deflate_bomb(512 * 1024 * 1024)  # 512 MiB once inflated
+    assert len(raw) < 1024 * 1024
+    rejected = _rejection(raw, max_size=MAX)
+    assert rejected.code is RejectionCode.TOO_LARGE
+    assert "inflated" in rejected.reason
+
+
+def test_a_cut_deflated_data_set_is_refused_as_truncated() -> None:
+    raw, _ = _deflated({"rows": 480, "columns": 640})
+    assert _rejection(raw[: len(raw) // 2]).code is RejectionCode.TRUNCATED
+
+
+def test_a_deflated_data_set_that_is_no_deflate_stream_cannot_be_understood() -> None:
+    raw, _ = _deflated()
+    import struct  # noqa: PLC0415
+
+    meta_end = 144 + struct.unpack("<I", raw[140:144])[0]
+    assert _rejection(raw[:meta_end] + b"\xff" * 4096).code is RejectionCode.NOT_DICOM
