@@ -10,12 +10,16 @@ import hashlib
 import json
 import signal
 import stat
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
 
 from agent.conftest import Agent, Deployment, exam, run_phivault
+from phivault.agent.cli import Home
+from phivault.agent.spool import Item, Spool, utcnow
+from phivault.agent.sync import Progress, Syncer, SyncOptions
 from phivault.devices.models import UploadChunk
 from phivault.exams.models import Instance
 from servers.common import wait_until
@@ -224,3 +228,31 @@ def test_agent_killed_mid_sync_loses_nothing_and_sends_nothing_twice(
     assert len(instances(deployment)) == 1
     assert instances(deployment)[0][0] == sha256(big)
     assert list((agent.home / "spool").glob("*.pvs")) == []
+
+
+class _CountingSpool(Spool):
+    """The real spool, counting the plaintext bytes it decrypts."""
+
+    decrypted = 0
+
+    def iter_range(self, item: Item, offset: int, length: int) -> Iterator[bytes]:
+        for piece in super().iter_range(item, offset, length):
+            self.decrypted += len(piece)
+            yield piece
+
+
+def test_each_chunk_is_decrypted_from_the_spool_once(deployment: Deployment, tmp_path: Path) -> None:
+    agent = deployment.agent(tmp_path / "agent")
+    cine = exam(tmp_path / "cine.dcm", frames=6, rows=240, columns=320)  # ~1.4 MB
+    agent.json("add", str(cine))
+    place = Home(agent.home, timedelta(days=30))
+    spool = _CountingSpool(place.path / "spool", place.path / "spool.key")
+    client = place.client()
+    try:
+        syncer = Syncer(spool, client, SyncOptions(chunk_size=256 * 1024), Progress(), now=utcnow)
+        report = syncer.run()
+    finally:
+        client.close()
+    assert (report.confirmed, report.items[0].sent_bytes) == (1, cine.stat().st_size)
+    assert spool.decrypted == cine.stat().st_size  # hashed and sent from the same decryption
+    assert instances(deployment)[0][0] == sha256(cine)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +29,7 @@ from phivault.agent.spool import Item, Spool, SpoolError, State
 _JITTER: Final = random.SystemRandom()  # back-off jitter: not a secret, but the OS source costs nothing
 
 DEFAULT_CHUNK: Final = 16 * 1024 * 1024
+HELD_CHUNK: Final = 32 * 1024 * 1024  # held in memory while sent, two at a time: 64 MiB at most
 _RESTART_CODES: Final = frozenset({"upload_digest_mismatch", "integrity_check_failed", "upload_expired"})
 _WAIT_CODES: Final = frozenset({"upload_finalizing", "rate_limited", "database_unavailable"})
 _FATAL_CODES: Final = frozenset({"device_revoked", "device_not_activated"})
@@ -41,6 +42,12 @@ def _retryable(error: ServerError) -> bool:
     if error.code in _RESTART_CODES or error.code in _WAIT_CODES:
         return True
     return error.status in (0, 401, 404, 408, 409, 410, 429, 460) or error.status >= 500  # noqa: PLR2004
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    checksum: bytes  # SHA-256 of the plaintext, for Upload-Checksum
+    body: Callable[[], Iterable[bytes]]  # the plaintext, again for each try of the request
 
 
 class _ItemDone(Exception):
@@ -223,29 +230,28 @@ class Syncer:
             url, offset = item.upload_url, self.client.offset(item.upload_url)
         self.progress.start(item, offset)
         began = time.monotonic()
-        # The next chunk's checksum is computed while the current one travels.
+        # The next chunk is read (and checksummed) while the current one travels.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as pool:
-            sums: dict[tuple[int, int], Future[bytes]] = {}
+            ahead: dict[tuple[int, int], Future[_Chunk]] = {}
             while offset < item.size:
                 length = min(self.options.chunk_size, item.size - offset)
-                checksum = self._checksum(pool, sums, item, offset, length).result()
+                chunk = self._read_ahead(pool, ahead, item, offset, length).result()
                 following = offset + length
                 if following < item.size:
-                    self._checksum(
-                        pool, sums, item, following, min(self.options.chunk_size, item.size - following)
+                    self._read_ahead(
+                        pool, ahead, item, following, min(self.options.chunk_size, item.size - following)
                     )
                 self.throttle.wait(length)
                 try:
-                    new_offset = self.client.send_chunk(
-                        url, offset, length, checksum, partial(self.spool.iter_range, item, offset, length)
-                    )
+                    new_offset = self.client.send_chunk(url, offset, length, chunk.checksum, chunk.body)
                 except ServerError as exc:
                     if exc.code != "upload_offset_mismatch":
                         raise
                     new_offset = int(exc.headers.get("upload-offset", offset))  # resume where it is
                 result.sent_bytes += max(0, new_offset - offset)
                 self.progress.advance(item, new_offset - offset)
-                sums.pop((offset, length), None)
+                for stale in [key for key in ahead if key[0] != new_offset]:
+                    del ahead[stale]  # a chunk is held only until it is sent (or not wanted)
                 offset = new_offset
         result.upload_seconds += time.monotonic() - began
         began = time.monotonic()
@@ -254,23 +260,32 @@ class Syncer:
         finally:
             result.finalize_seconds += time.monotonic() - began
 
-    def _checksum(
+    def _read_ahead(
         self,
         pool: ThreadPoolExecutor,
-        sums: dict[tuple[int, int], Future[bytes]],
+        ahead: dict[tuple[int, int], Future[_Chunk]],
         item: Item,
         offset: int,
         length: int,
-    ) -> Future[bytes]:
-        if (offset, length) not in sums:
-            sums[(offset, length)] = pool.submit(self._digest, item, offset, length)
-        return sums[(offset, length)]
+    ) -> Future[_Chunk]:
+        if (offset, length) not in ahead:
+            ahead[(offset, length)] = pool.submit(self._read_chunk, item, offset, length)
+        return ahead[(offset, length)]
 
-    def _digest(self, item: Item, offset: int, length: int) -> bytes:
+    def _read_chunk(self, item: Item, offset: int, length: int) -> _Chunk:
+        """The chunk's checksum and, up to ``HELD_CHUNK`` bytes, its plaintext: decrypted
+        once, hashed, then sent from memory. Larger chunks are decrypted again as they are
+        sent, so memory does not grow with the chunk size.
+        """
         digest = hashlib.sha256()
+        held: list[bytes] | None = [] if length <= HELD_CHUNK else None
         for piece in self.spool.iter_range(item, offset, length):
             digest.update(piece)
-        return digest.digest()
+            if held is not None:
+                held.append(piece)
+        if held is None:
+            return _Chunk(digest.digest(), partial(self.spool.iter_range, item, offset, length))
+        return _Chunk(digest.digest(), partial(iter, tuple(held)))
 
     def _finalize(self, item: Item, url: str, result: ItemResult) -> Item:
         try:
