@@ -9,15 +9,16 @@ phivault's ``POST …/finalize`` with the SHA-256 of the whole hands the file to
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import threading
+from collections import deque
 from email.utils import format_datetime
 from typing import Annotated
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
@@ -51,8 +52,8 @@ DeviceId = Annotated[str, Path(min_length=1, max_length=64)]
 UploadId = Annotated[str, Path(min_length=1, max_length=64)]
 DeviceManager = Annotated[Principal, Depends(require(Permission.DEVICE_MANAGE))]
 CHUNK_MEDIA_TYPE = "application/offset+octet-stream"
-_READ_AHEAD = 1 << 20
-_BODY_QUEUE = 64  # pieces as the server receives them (≤ 64 KiB each): a few MiB ahead
+_READ_AHEAD = 1 << 20  # the worker is woken once this much of the body waits
+_BODY_AHEAD = 8 << 20  # the loop stops receiving while this much waits for the worker
 _MAX_HEADER_NUMBER = 20  # digits: more than any file
 
 
@@ -217,39 +218,88 @@ def get_upload(upload_id: UploadId, principal: DevicePrincipal, runtime: Runtime
 
 class _RequestBody:
     """The request body as a blocking ``read`` for the worker thread that stores the chunk,
-    fed by a task on the event loop that keeps receiving meanwhile (bounded: a few MiB):
-    the network and the encryption and disk write overlap. Each read hops to the loop once
-    and gathers about a megabyte.
+    fed by a task on the event loop that keeps receiving meanwhile: the network and the
+    encryption and disk write overlap.
+
+    The pieces go over as the server received them (no copy on the loop, which is busy
+    with TLS); the worker is woken once a megabyte is waiting rather than for every piece,
+    and the loop stops receiving while ``_BODY_AHEAD`` bytes wait (so a slow disk holds
+    back the client, not the server's memory). A plain lock and one future per wait cost
+    far less than a memory stream per piece and a hop to the loop per read.
     """
 
-    def __init__(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
-        self._receive = receive
-        self._buffer = bytearray()
-        self._done = False
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Condition()
+        self._pieces: deque[bytes] = deque()
+        self._queued = 0  # bytes in ``_pieces``
+        self._ended = False
+        self._space: asyncio.Future[None] | None = None  # the loop waits for room on it
+        self._piece = b""
+        self._position = 0  # of the next byte in ``_piece``
 
-    async def _fill(self, size: int) -> None:
-        while len(self._buffer) < size and not self._done:
-            try:
-                self._buffer += await self._receive.receive()
-            except anyio.EndOfStream:
-                self._done = True
+    # -- the event loop's side
+
+    async def put(self, piece: bytes) -> None:
+        with self._lock:
+            self._pieces.append(piece)
+            self._queued += len(piece)
+            if self._queued >= _READ_AHEAD:
+                self._lock.notify()
+            if self._queued < _BODY_AHEAD:
+                return
+            space = self._space = self._loop.create_future()
+        await space
+
+    def end(self) -> None:
+        """No more pieces (the body ended, the client went away, or the task was cancelled)."""
+        with self._lock:
+            self._ended = True
+            self._lock.notify()
+
+    # -- the worker thread's side
+
+    def _take(self) -> bytes:
+        with self._lock:
+            while not self._pieces and not self._ended:
+                self._lock.wait()
+            if not self._pieces:
+                return b""
+            piece = self._pieces.popleft()
+            self._queued -= len(piece)
+            space = None
+            if self._space is not None and self._queued <= _BODY_AHEAD // 2:
+                space, self._space = self._space, None
+        if space is not None:
+            self._loop.call_soon_threadsafe(_make_room, space)
+        return piece
 
     def read(self, size: int, /) -> bytes:
-        if len(self._buffer) < size and not self._done:
-            anyio.from_thread.run(self._fill, max(size, _READ_AHEAD))
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
+        """Up to ``size`` bytes (fewer at the end of a piece); ``b""`` at the end."""
+        if self._position >= len(self._piece):
+            self._piece, self._position = self._take(), 0
+        start, piece = self._position, self._piece
+        if start == 0 and size >= len(piece):
+            self._position = len(piece)
+            return piece  # the whole piece, not copied
+        self._position = min(start + size, len(piece))
+        return piece[start : self._position]
 
 
-async def _pump(request: Request, send: MemoryObjectSendStream[bytes]) -> None:
-    async with send:
-        try:
-            async for piece in request.stream():
-                if piece:
-                    await send.send(piece)
-        except ClientDisconnect:
-            return  # the reader sees a short body: the chunk is refused and nothing kept
+def _make_room(space: asyncio.Future[None]) -> None:
+    if not space.done():  # a cancelled request cancelled it
+        space.set_result(None)
+
+
+async def _pump(request: Request, body: _RequestBody) -> None:
+    try:
+        async for piece in request.stream():
+            if piece:
+                await body.put(piece)
+    except ClientDisconnect:
+        return  # the reader sees a short body: the chunk is refused and nothing kept
+    finally:
+        body.end()
 
 
 @router.patch("/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -287,22 +337,21 @@ async def upload_chunk(  # tus speaks in headers
         raise InvalidInput("Upload-Checksum is `sha256 <base64 of 32 bytes>`") from None
     if checksum is None:
         raise ChecksumRequired
-    send, receive = anyio.create_memory_object_stream[bytes](_BODY_QUEUE)
+    body = _RequestBody(asyncio.get_running_loop())
 
     def store() -> UploadInfo:
         return runtime.uploads.append(
-            principal, upload_id, offset=offset, length=length, checksum=checksum, body=_RequestBody(receive)
+            principal, upload_id, offset=offset, length=length, checksum=checksum, body=body
         )
 
     outcome: UploadInfo | Exception
-    with receive:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_pump, request, send)
-            try:
-                outcome = await anyio.to_thread.run_sync(store)
-            except Exception as exc:  # noqa: BLE001  # raised below, outside the task group
-                outcome = exc
-            tasks.cancel_scope.cancel()  # a refused chunk is not read to its end
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(_pump, request, body)
+        try:
+            outcome = await anyio.to_thread.run_sync(store)
+        except Exception as exc:  # noqa: BLE001  # raised below, outside the task group
+            outcome = exc
+        tasks.cancel_scope.cancel()  # a refused chunk is not read to its end
     if isinstance(outcome, Exception):
         raise outcome
     return Response(status_code=status.HTTP_204_NO_CONTENT, headers=_tus_headers(request, outcome))
