@@ -45,6 +45,7 @@ from phivault.clock import Clock
 from phivault.db.engine import Database
 from phivault.dicom.errors import DicomRejected, RejectionCode, StowFailureReason
 from phivault.dicom.multipart import MultipartError, MultipartReader, Part, is_dicom_part, stow_boundary
+from phivault.dicom.validation import is_deflated, read_file_meta
 from phivault.exams.errors import QuotaExceeded
 from phivault.exams.types import IngestOrigin, Receipt, ReceiptStatus
 from phivault.storage.errors import StorageFull
@@ -114,6 +115,12 @@ def sent_uids(data: bytes) -> SentUids:
     pipeline's strict validation. Never raises.
     """
     try:
+        _, meta = read_file_meta(io.BytesIO(with_preamble(data)))
+        if is_deflated(meta):
+            # Never inflated here: the pipeline inflates within the size limit. The File
+            # Meta group names the instance too (PS3.10 §7.1).
+            names = (meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID"))
+            return SentUids(*(_uid_text(name) for name in names))
         dataset = pydicom.dcmread(
             io.BytesIO(with_preamble(data)),
             stop_before_pixels=True,

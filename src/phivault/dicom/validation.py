@@ -188,9 +188,8 @@ def _read(stream: BinaryIO, size: int, *, max_size: int) -> tuple[Dataset, int]:
     here it is inflated to at most ``max_size`` bytes, and refused past that.
     """
     start = stream.tell()
-    preamble = read_preamble(stream, force=False)
-    meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta)
-    if str(meta.get("TransferSyntaxUID", "")) != dicom_uid.DeflatedExplicitVRLittleEndian:
+    preamble, meta = read_file_meta(stream)
+    if not is_deflated(meta):
         stream.seek(start)
         return pydicom.dcmread(stream, force=False, defer_size=DEFER_SIZE), size
     inflated = _inflate(stream, max_size)
@@ -198,6 +197,20 @@ def _read(stream: BinaryIO, size: int, *, max_size: int) -> tuple[Dataset, int]:
     dataset = FileDataset("", body, preamble=preamble, file_meta=FileMetaDataset(meta))
     dataset.set_original_encoding(False, True, body.original_character_set)
     return dataset, len(inflated)
+
+
+def read_file_meta(stream: BinaryIO) -> tuple[bytes | None, Dataset]:
+    """The preamble and File Meta group (PS3.10 §7.1) of a PS3.10 file, read up to the data
+    set; ``InvalidDicomError`` without the "DICM" prefix. Nothing of the data set is read.
+    """
+    preamble = read_preamble(stream, force=False)
+    meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta)
+    return preamble, meta
+
+
+def is_deflated(meta: Dataset) -> bool:
+    """Whether the data set after this File Meta group is deflated (PS3.5 A.5)."""
+    return str(meta.get("TransferSyntaxUID", "")) == dicom_uid.DeflatedExplicitVRLittleEndian
 
 
 def _past_file_meta(tag: int, _vr: str | None, _length: int) -> bool:

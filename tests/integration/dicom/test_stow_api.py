@@ -34,11 +34,13 @@ from phivault.accounts.permissions import Role
 from phivault.audit.actions import AuditAction
 from phivault.audit.models import AuditRecord
 from phivault.audit.service import Actor, SystemSubject
+from phivault.clock import ManualClock
+from phivault.config.settings import Settings
 from phivault.dicom.multipart import MultipartError
 from phivault.dicom.stow import StowLimits, StowService
 from phivault.exams.models import IngestPolicy, Instance, QuarantinedInstance
 from phivault.exams.types import IngestChannel, IngestOrigin
-from phivault.runtime import Runtime
+from phivault.runtime import Runtime, build_runtime, initialise
 
 STUDY = "1.2.826.0.1.3680043.10.1444.7"
 DICOM_JSON = "application/dicom+json"
@@ -381,3 +383,56 @@ def test_a_request_over_the_request_limit_is_a_413(
             )
         )
     assert (caught.value.status, caught.value.code) == (413, "request_too_large")
+
+
+def _deflate_bomb(n: int, inflated: int) -> bytes:
+    """Instance ``n``'s File Meta group, then a deflated data set of ``inflated`` bytes (one
+    OB element of zeros: about a thousandfold smaller sent).
+    """
+    import struct  # noqa: PLC0415
+    import zlib  # noqa: PLC0415
+
+    dataset, _ = make_instance(**_uid(n))  # type: ignore[arg-type]
+    dataset.file_meta.TransferSyntaxUID = dicom_uid.DeflatedExplicitVRLittleEndian
+    head = to_bytes(dataset)
+    meta_end = 144 + struct.unpack("<I", head[140:144])[0]  # (0002,0000): the group's length
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflate.compress(struct.pack("<HH2sHI", 0x0009, 0x0010, b"OB", 0, inflated - 12))
+    zeros = bytes(1 << 20)
+    body += b"".join(deflate.compress(zeros) for _ in range((inflated - 12) >> 20))
+    body += deflate.compress(bytes((inflated - 12) % len(zeros))) + deflate.flush()
+    return head[:meta_end] + body
+
+
+def test_a_deflate_bomb_is_named_by_its_file_meta_and_refused_within_the_instance_limit(
+    settings: Settings, clock: ManualClock
+) -> None:
+    """A part of ~64 KiB that inflates to 64 MiB, past a 16 MB instance limit: never
+    inflated whole (not even to name it: its File Meta group has the UIDs), refused as too
+    large; a deflated instance within the limit is stored beside it.
+    """
+    limit = 16_000_000
+    runtime = build_runtime(settings.model_copy(update={"dicom_max_instance_bytes": limit}), clock=clock)
+    try:
+        initialise(runtime)
+        dataset, _ = make_instance(**_uid(1), rows=480, columns=640)  # type: ignore[arg-type]
+        dataset.file_meta.TransferSyntaxUID = dicom_uid.DeflatedExplicitVRLittleEndian
+        bomb = _deflate_bomb(2, 64 * 1024 * 1024)
+        assert len(bomb) < limit // 100
+        result = anyio.run(
+            functools.partial(
+                _service(runtime, max_instance=limit).store,
+                _chunks(multipart(to_bytes(dataset), bomb), size=65536),
+                content_type=CONTENT_TYPE,
+                content_length=None,
+                origin=_origin(AccountsFactory(runtime)),
+            )
+        )
+    finally:
+        runtime.close()
+    assert result.status == 202
+    (stored,) = items(result.body, REFERENCED_SOP_SEQUENCE)
+    assert value(stored, SOP_INSTANCE) == _uid(1)["sop_uid"]
+    (failed,) = items(result.body, FAILED_SOP_SEQUENCE)
+    assert value(failed, SOP_INSTANCE) == _uid(2)["sop_uid"]
+    assert (value(failed, FAILURE_REASON), value(failed, ERROR_COMMENT)) == (0xA700, "dicom_too_large")
