@@ -32,7 +32,7 @@ from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from phivault.accounts.errors import Forbidden
@@ -119,16 +119,24 @@ class StudyPhi:
     study_instance_uid: str = ""
 
 
-_PATIENT_COLUMNS: Final = ("patient_id", "issuer_of_patient_id", "patient_name", "birth_date", "sex")
+PATIENT_FIELDS: Final = ("patient_id", "issuer_of_patient_id", "patient_name", "birth_date", "sex")
 _ROW_BATCH: Final = 500
 
 
 def _rows(
-    phi_session: Session, model: type[PhiPatient | PhiStudy | PhiInstance], ids: list[str]
-) -> list[Any]:
-    found: list[Any] = []
+    phi_session: Session,
+    model: type[PhiPatient | PhiStudy | PhiInstance],
+    ids: list[str],
+    columns: Sequence[str],
+) -> list[Row[Any]]:
+    """The named columns (and id, institution) of the rows with these ids: plain rows, no
+    ORM objects (a search page reads a few columns of some dozens of rows).
+    """
+    selected = [model.id, model.institution_id, *(getattr(model, column) for column in columns)]
+    found: list[Row[Any]] = []
     for start in range(0, len(ids), _ROW_BATCH):
-        found.extend(phi_session.scalars(select(model).where(model.id.in_(ids[start : start + _ROW_BATCH]))))
+        chunk = ids[start : start + _ROW_BATCH]
+        found.extend(phi_session.execute(select(*selected).where(model.id.in_(chunk))))
     return found
 
 
@@ -270,34 +278,44 @@ class ExamReader:
         phi_session: Session,
         studies: Sequence[Study],
         instances: Sequence[tuple[Study, str]] = (),
+        *,
+        patient_fields: Sequence[str] = PATIENT_FIELDS,
     ) -> PhiBatch:
         """The PHI of several studies, their patients and some of their instances, opened
-        together: three PHI-store queries and one batch of decryptions (``decrypt_fields``
-        unwraps each patient key once), whatever the number of studies.
+        together: at most three PHI-store queries and one batch of decryptions
+        (``decrypt_fields`` unwraps each patient key once), whatever the number of studies.
+
+        Only ``patient_fields`` (of ``PATIENT_FIELDS``) of the patients are decrypted, the
+        others are left empty: a search opens what its answers show.
         """
+        unknown = set(patient_fields) - set(PATIENT_FIELDS)
+        if unknown:
+            raise ValueError(f"not patient fields: {sorted(unknown)}")
         by_study = {study.id: study for study in studies}
         owners = {instance_id: study for study, instance_id in instances}
         institutions = {study.institution_id for study in studies}
+        patient_columns = [column for column in PATIENT_FIELDS if column in patient_fields]
         # Rows of another institution are left out (ids come from scoped index rows anyway).
+        patient_refs = sorted({s.patient_ref for s in studies}) if patient_columns else []
         patient_rows = [
             row
-            for row in _rows(phi_session, PhiPatient, sorted({s.patient_ref for s in studies}))
+            for row in _rows(phi_session, PhiPatient, patient_refs, ["patient_key_id", *patient_columns])
             if row.institution_id in institutions
         ]
         study_rows = [
             row
-            for row in _rows(phi_session, PhiStudy, sorted(by_study))
+            for row in _rows(phi_session, PhiStudy, sorted(by_study), ["record"])
             if row.institution_id == by_study[row.id].institution_id
         ]
         instance_rows = [
             row
-            for row in _rows(phi_session, PhiInstance, sorted(owners))
+            for row in _rows(phi_session, PhiInstance, sorted(owners), ["record"])
             if row.institution_id == owners[row.id].institution_id
         ]
         fields = [
             SealedField(row.patient_key_id, getattr(row, column), field_aad("phi_patients", column, row.id))
             for row in patient_rows
-            for column in _PATIENT_COLUMNS
+            for column in patient_columns
         ]
         fields += [
             SealedField(
@@ -314,8 +332,9 @@ class ExamReader:
         opened = iter(self.keys.decrypt_fields(session, fields))
         batch = PhiBatch()
         for row in patient_rows:
+            opened_columns = {column: next(opened).decode() for column in patient_columns}
             batch.patients[row.id] = PatientPhi(
-                **{column: next(opened).decode() for column in _PATIENT_COLUMNS}
+                **{column: opened_columns.get(column, "") for column in PATIENT_FIELDS}
             )
         known = StudyPhi.__dataclass_fields__
         for row in study_rows:
@@ -343,9 +362,10 @@ class ExamReader:
         self, session: Session, phi_session: Session, institution_id: str, patient_refs: Iterable[str]
     ) -> dict[str, str]:
         """Decrypted names of the given patients (the candidates of a name query only)."""
+        refs = sorted(set(patient_refs))
         rows = [
             row
-            for row in _rows(phi_session, PhiPatient, sorted(set(patient_refs)))
+            for row in _rows(phi_session, PhiPatient, refs, ["patient_key_id", "patient_name"])
             if row.institution_id == institution_id
         ]
         fields = [

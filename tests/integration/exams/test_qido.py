@@ -15,7 +15,10 @@ from factories.accounts import LOOPBACK, bearer, problem
 from factories.dicom_factory import ISSUER, PATIENT_ID, PATIENT_NAME
 from factories.exams import ExamsFactory, IngestedStudy
 from phivault.accounts.permissions import Role
+from phivault.audit.actions import AuditAction
+from phivault.audit.models import AuditRecord
 from phivault.exams.models import Study
+from phivault.exams.reading import PATIENT_FIELDS
 from phivault.runtime import Runtime
 from phivault.web.app import create_app
 
@@ -270,3 +273,62 @@ def test_series_and_instance_level_keys(world: World) -> None:
     numbered = world.search("InstanceNumber=2", path=f"/dicomweb/studies/{ROOT}.2/instances")
     assert [item["00080018"]["Value"][0] for item in numbered] == [f"{ROOT}.2.1.2"]
     assert world.refused("SeriesNumber=x", path="/dicomweb/series") == "invalid_query_parameter"
+
+
+def test_searches_narrowed_by_phi_keys_page_in_the_order_of_unnarrowed_ones(world: World) -> None:
+    # Narrowed searches order their candidates outside the database (search._few_studies).
+    everyone = [item["0020000D"]["Value"][0] for item in world.search("")]
+    narrowed = [f"{ROOT}.1", f"{ROOT}.2", f"{ROOT}.3"]
+    expected = [uid for uid in everyone if uid in narrowed]
+    pages = [world.search(f"StudyDate=20231201-20240301&limit=1&offset={n}") for n in range(4)]
+    assert [item["0020000D"]["Value"][0] for page in pages for item in page] == expected
+    by_patient = [world.search(f"PatientID={PATIENT_ID}&limit=2&offset={n}") for n in (0, 2)]
+    expected = [uid for uid in everyone if uid in (f"{ROOT}.1", f"{ROOT}.2", f"{ROOT}.4")]
+    assert [item["0020000D"]["Value"][0] for page in by_patient for item in page] == expected
+
+
+def test_patient_fields_are_opened_only_when_the_answer_keeps_them(runtime: Runtime, world: World) -> None:
+    a = world.studies["A"]
+    (default,) = world.search(f"StudyInstanceUID={ROOT}.1")
+    assert "00100021" not in default
+    assert default["00100010"]["Value"][0]["Alphabetic"] == PATIENT_NAME
+    (included,) = world.search(f"StudyInstanceUID={ROOT}.1&includefield=IssuerOfPatientID")
+    assert included["00100021"]["Value"] == [ISSUER]
+    (matched,) = world.search(f"StudyInstanceUID={ROOT}.1&IssuerOfPatientID={ISSUER}")
+    assert matched["00100021"]["Value"] == [ISSUER]
+    reader = runtime.reading
+    with runtime.db.transaction() as session, runtime.phi_db.read() as phi_session:
+        study = session.get(Study, a.study_id)
+        assert study is not None
+        names_only = reader.phi_of(session, phi_session, [study], patient_fields=["patient_name"])
+        everything = reader.phi_of(session, phi_session, [study])
+        with pytest.raises(ValueError, match="not patient fields"):
+            reader.phi_of(session, phi_session, [study], patient_fields=["PatientName"])
+    patient = names_only.patient(study.patient_ref)
+    assert (patient.patient_name, patient.patient_id, patient.issuer_of_patient_id) == (PATIENT_NAME, "", "")
+    opened = everything.patient(study.patient_ref)
+    assert [getattr(opened, name) != "" for name in PATIENT_FIELDS] == [True] * len(PATIENT_FIELDS)
+    assert names_only.study(study.id) == everything.study(study.id)
+
+
+def test_every_search_is_audited_with_one_phi_read_per_patient_answered(
+    runtime: Runtime, world: World
+) -> None:
+    def events() -> list[tuple[str, str | None]]:
+        with runtime.db.transaction() as session:
+            rows = session.query(AuditRecord.action, AuditRecord.object_id).order_by(AuditRecord.seq).all()
+        return [(action, object_id) for action, object_id in rows if action.startswith(("exam.", "phi."))]
+
+    before = len(events())
+    world.search("StudyDate=20231201-20240301")  # A, B (one patient) and C (another)
+    with runtime.db.transaction() as session:
+        refs = {
+            session.get(Study, world.studies[name].study_id).patient_ref  # type: ignore[union-attr]
+            for name in "ABC"
+        }
+    new = events()[before:]
+    assert new[0] == (AuditAction.EXAM_SEARCH.value, None)
+    assert sorted(new[1:]) == sorted((AuditAction.PHI_READ.value, ref) for ref in refs)
+    assert len(refs) == 2
+    world.search("", world.admin)  # pseudonyms only: no PHI disclosed
+    assert events()[before + len(new) :] == [(AuditAction.EXAM_SEARCH.value, None)]
