@@ -96,6 +96,16 @@ def test_user_created_without_a_password_gets_a_one_time_one(tmp_path: Path) -> 
     body = json.loads(created.stdout)
     assert re.fullmatch(r"[a-z2-9]{5}(-[a-z2-9]{5}){4}", body["one_time_password"])
 
+    reset = run("user", "reset-password", "E@example.org", "--json", env=env)
+    assert reset.returncode == 0, reset.stderr
+    renewed = json.loads(reset.stdout)
+    assert (renewed["id"], renewed["email"]) == (body["id"], "e@example.org")
+    assert re.fullmatch(r"[a-z2-9]{5}(-[a-z2-9]{5}){4}", renewed["one_time_password"])
+    assert renewed["one_time_password"] != body["one_time_password"]
+    unknown = run("user", "reset-password", "nobody@example.org", env=env)
+    assert unknown.returncode == 1
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
 
 def test_first_serve_prints_the_operators_one_time_password_once(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"

@@ -243,6 +243,17 @@ def end_user_sessions(
     return EndedSessions(ended=runtime.accounts.end_user_sessions(principal, user_id, context))
 
 
+@router.post("/users/{user_id}/one-time-password", response_model=UserCreated)
+def issue_one_time_password(
+    user_id: ObjectId, principal: UserManager, runtime: RuntimeDep, context: RequestContextDep
+) -> UserCreated:
+    """Replace a user's password with a new one-time password (shown once; to be changed at
+    first sign-in, within `PHIVAULT_ONE_TIME_PASSWORD_HOURS`); their sessions end.
+    """
+    user, one_time = runtime.accounts.issue_one_time_password(principal, user_id, context)
+    return UserCreated(**UserOut.of(user).model_dump(), one_time_password=one_time)
+
+
 @router.put("/users/{user_id}/role", response_model=UserOut)
 def change_role(
     user_id: ObjectId,

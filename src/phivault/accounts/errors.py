@@ -81,6 +81,15 @@ class PasswordChangeRequired(AccountsError):
     )
 
 
+class OneTimePasswordExpired(AccountsError):
+    # Given only with the right password, so it reveals nothing to a guesser.
+    status, code, message = (
+        401,
+        "one_time_password_expired",
+        "this one-time password has expired; ask an administrator for a new one",
+    )
+
+
 class MfaEnrolmentRequired(AccountsError):
     status, code, message = 403, "mfa_enrolment_required", "set up TOTP first (/api/v1/auth/mfa/totp)"
 

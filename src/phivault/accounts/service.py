@@ -40,6 +40,7 @@ from phivault.accounts.errors import (
     IpNotAllowed,
     MfaRequired,
     NotFound,
+    OneTimePasswordExpired,
     PasswordRejected,
     ReauthenticationRequired,
     Throttled,
@@ -503,6 +504,34 @@ class Accounts:
             user = self._user_in_scope(session, actor, user_id)
             return self._end_sessions(session, user.id, "ended_by_admin", actor, context, now)
 
+    def issue_one_time_password(
+        self, actor: Authority, user_id: str, context: RequestContext = NO_CONTEXT
+    ) -> tuple[UserInfo, str]:
+        """Replace a user's password with a new one-time password (to be changed at first
+        sign-in, within ``PHIVAULT_ONE_TIME_PASSWORD_HOURS``); their sessions end. Returns it.
+        """
+        _require(actor, Permission.USER_MANAGE)
+        password = one_time_password()
+        encoded = self.hasher.hash(password)
+        now = self.clock.now()
+        with self.db.transaction() as session:
+            user = self._user_in_scope(session, actor, user_id, for_update=True)
+            self._refuse_self(actor, user)
+            user.password_hash = encoded
+            user.password_changed_at = now
+            user.must_change_password = True
+            self._audit(
+                session,
+                AuditAction.PASSWORD_RESET,
+                actor,
+                Target("user", user.id),
+                context,
+                now,
+                institution_id=user.institution_id,
+            )
+            self._end_sessions(session, user.id, "password_reset", actor, context, now)
+            return _user_info(user), password
+
     def change_role(
         self, actor: Authority, user_id: str, role: Role, context: RequestContext = NO_CONTEXT
     ) -> UserInfo:
@@ -722,6 +751,10 @@ class Accounts:
             refusal = Conflict("region_mismatch", "this institution is served in another region")
         elif Role(user.role) in ADMIN_ROLES and not self.admin_address(context.ip):
             refusal = IpNotAllowed()
+        elif user.must_change_password and now - user.password_changed_at >= timedelta(
+            hours=self.settings.one_time_password_hours
+        ):
+            refusal = OneTimePasswordExpired()  # NIST SP 800-63B §6.1.2.1: temporary secrets expire
         if refusal is not None:
             self._audit(
                 session,

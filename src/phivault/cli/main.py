@@ -757,6 +757,33 @@ def user_disable(
         )
 
 
+@user_app.command("reset-password")
+def user_reset_password(
+    user: Annotated[str, typer.Argument(help="The user's id or e-mail address.")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Give a user a new one-time password (shown once; to be changed at first sign-in, within
+    PHIVAULT_ONE_TIME_PASSWORD_HOURS); their sessions end. For a user who cannot reset by e-mail,
+    or whose one-time password expired (the bootstrap operator's too).
+    """
+    runtime = _accounts_runtime()
+    try:
+        found = runtime.accounts.find_user(_CLI_SUBJECT, user)
+        info, one_time = runtime.accounts.issue_one_time_password(_CLI_SUBJECT, found.id)
+    except AccountsError as exc:
+        _accounts_failed(exc)
+    finally:
+        runtime.close()
+    if json_output:
+        out.print_json(json.dumps({"id": info.id, "email": info.email, "one_time_password": one_time}))
+    else:
+        for line in (
+            f"new password for {info.email} (id {info.id}); their sessions ended",
+            f"one-time password (change it at first sign-in): {one_time}",
+        ):
+            out.print(line, markup=False, highlight=False)
+
+
 @user_app.command("list")
 def user_list(
     institution: Annotated[str | None, typer.Option(help="Only this institution's users.")] = None,

@@ -134,6 +134,7 @@ class Settings(BaseSettings):
     operator_idle_minutes: int = Field(default=15, ge=5, le=60)
     reauth_minutes: int = Field(default=10, ge=1, le=60)
     max_sessions_per_user: int = Field(default=10, ge=1, le=100)
+    one_time_password_hours: int = Field(default=72, ge=1, le=720)
     bootstrap_operator_email: str = Field(
         default="operator@localhost", max_length=254, pattern=r"^[^@\s]+@[^@\s]+$"
     )

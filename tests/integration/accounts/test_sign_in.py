@@ -477,3 +477,60 @@ def test_first_sign_in_of_an_operator_requires_a_new_password_then_mfa(
     enrol_totp(client, access, clock.now())
     assert client.get("/api/v1/institutions", headers=bearer(access)).status_code == 200
     assert login(client, email, one_time).status_code == 401  # the one-time password is gone
+
+
+def test_a_one_time_password_expires_unchanged_and_an_admin_issues_a_new_one(
+    client: TestClient, factory: AccountsFactory, runtime: Runtime, clock: ManualClock
+) -> None:
+    """NIST SP 800-63B: a temporary secret expires (PHIVAULT_ONE_TIME_PASSWORD_HOURS, 72 h);
+    told apart from a wrong password only to whoever knows the password.
+    """
+    home = factory.institution()
+    admin = factory.member(Role.INSTITUTION_ADMIN, home.id, mfa=True)
+    admin_token, _ = factory.session_for(admin)
+    created = client.post(
+        "/api/v1/users",
+        headers=bearer(admin_token),
+        json={"email": "newcomer@example.org", "role": "clinician"},
+    )
+    assert created.status_code == 201, created.text
+    user_id, first = created.json()["id"], created.json()["one_time_password"]
+    clock.advance(timedelta(hours=71, minutes=59))
+    assert login(client, "newcomer@example.org", first).status_code == 200  # still in time
+    clock.advance(timedelta(minutes=1))
+    expired = login(client, "newcomer@example.org", first)
+    assert (expired.status_code, problem(expired)["code"]) == (401, "one_time_password_expired")
+    wrong = login(client, "newcomer@example.org", "not the one-time password")
+    assert problem(wrong)["code"] == "invalid_credentials"
+    assert ("auth.login", "denied") in _actions(runtime)
+
+    admin_token, _ = factory.session_for(admin)  # the first session ended long ago
+    issued = client.post(f"/api/v1/users/{user_id}/one-time-password", headers=bearer(admin_token))
+    assert issued.status_code == 200, issued.text
+    second = issued.json()["one_time_password"]
+    assert second != first
+    assert issued.json()["must_change_password"] is True
+    assert login(client, "newcomer@example.org", first).status_code == 401
+    access = login(client, "newcomer@example.org", second).json()["access_token"]
+    changed = client.post(
+        "/api/v1/auth/password",
+        headers=bearer(access),
+        json={"current_password": second, "new_password": "a carefully chosen phrase"},
+    )
+    assert changed.status_code == 204
+    clock.advance(timedelta(days=30))  # a chosen password does not expire
+    assert login(client, "newcomer@example.org", "a carefully chosen phrase").status_code == 200
+    assert ("password.reset", "success") in _actions(runtime)
+
+
+def test_only_user_managers_of_the_institution_issue_one_time_passwords(
+    client: TestClient, factory: AccountsFactory
+) -> None:
+    home, other = factory.institution(), factory.institution()
+    member = factory.member(Role.CLINICIAN, home.id)
+    for role, institution in ((Role.CLINICIAN, home.id), (Role.INSTITUTION_ADMIN, other.id)):
+        actor = factory.member(role, institution, mfa=True)
+        token, _ = factory.session_for(actor)
+        refused = client.post(f"/api/v1/users/{member.user_id}/one-time-password", headers=bearer(token))
+        assert refused.status_code in (403, 404), refused.text
+    assert login(client, member.email).status_code == 200  # the password did not change
