@@ -146,7 +146,12 @@ def upload(
                     if not queue:
                         return
                     path = queue.pop()
-                answer = client.post(url, content=_body(path), headers=headers)
+                try:
+                    answer = client.post(url, content=_body(path), headers=headers)
+                except httpx.TransportError as exc:  # counted, not retried: the server dropped it
+                    with lock:
+                        failures.append(f"{path.name}: {type(exc).__name__} {exc}")
+                    continue
                 if answer.status_code != 200:
                     with lock:
                         failures.append(f"{path.name}: {answer.status_code} {answer.text[:200]}")

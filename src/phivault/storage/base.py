@@ -26,11 +26,15 @@ PROBE_KIND = "probe"  # keys of the write probes of ``ObjectStore.probe``
 
 @dataclass(frozen=True, slots=True)
 class StoredObject:
-    """What ``put`` stored: the key, its length in bytes and the SHA-256 of its bytes."""
+    """What ``put`` stored: the key and its length in bytes.
+
+    No digest: the stores' bytes are ciphertext, authenticated by AES-GCM when read, and
+    nobody used one (it cost a SHA-256 pass over every stored byte). The S3 store still
+    sends each part's SHA-256 for the server to check.
+    """
 
     key: str
     size: int
-    sha256: str
 
 
 def validate_key(key: str) -> str:

@@ -290,12 +290,11 @@ def _client_error(error: ClientError, bucket: str, action: str, key: str | None)
 
 
 class _PartReader:
-    """Reads ``source`` one part at a time, hashing and counting what passes through."""
+    """Reads ``source`` one part at a time, counting what passes through."""
 
     def __init__(self, source: BinaryIO, part_size: int) -> None:
         self._source = source
         self._part_size = part_size
-        self._sha256 = hashlib.sha256()
         self.size = 0
 
     def next_part(self) -> bytes:
@@ -309,12 +308,8 @@ class _PartReader:
             chunks.append(chunk)
             wanted -= len(chunk)
         part = b"".join(chunks)
-        self._sha256.update(part)
         self.size += len(part)
         return part
-
-    def digest(self) -> bytes:
-        return self._sha256.digest()
 
 
 class S3ObjectStore:
@@ -407,7 +402,7 @@ class S3ObjectStore:
                 version_id = self._put_multipart(full_key, reader, first, until)
             if until is not None:
                 self._ensure_retention(key, full_key, version_id, until)
-        return StoredObject(key=key, size=reader.size, sha256=reader.digest().hex())
+        return StoredObject(key=key, size=reader.size)
 
     def _put_single(self, full_key: str, body: bytes, until: datetime | None) -> str | None:
         request: PutObjectRequestTypeDef = {
