@@ -187,8 +187,9 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     POSIX_FADV_DONTNEED starts writeback of dirty pages in the range (and drops only pages
     already clean, so none of these). Advice only: durability still comes from the fsync.
     """
-    with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    if hasattr(os, "posix_fadvise"):  # not on macOS
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _fsync_dir(directory: Path) -> None:
