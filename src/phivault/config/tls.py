@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -96,7 +97,7 @@ def generate_self_signed(cert_file: Path, key_file: Path, now: datetime) -> None
 
 
 def _write_private(path: Path, content: bytes) -> None:
-    temp = path.with_suffix(path.suffix + ".tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(content)
